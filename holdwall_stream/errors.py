@@ -1,0 +1,25 @@
+"""Specific exceptions, each with a message that says what to do."""
+
+
+class HoldwallError(Exception):
+    """Base of every error this service raises on purpose."""
+
+
+class SettingsError(HoldwallError):
+    """A setting has a bad value; the message is one line naming the variable."""
+
+
+class EventValidationError(HoldwallError):
+    """An event submitted for storage is malformed; the message says which field."""
+
+
+class TopicMismatchError(HoldwallError):
+    """A topic exists with a partition count other than KAFKA_PARTITIONS."""
+
+
+class KafkaDisabledError(HoldwallError):
+    """A Kafka operation was asked for while KAFKA_ENABLED=false."""
+
+
+class CircuitOpenError(HoldwallError):
+    """The Kafka circuit breaker is open; calls are refused until it half-opens."""
