@@ -23,3 +23,7 @@ class KafkaDisabledError(HoldwallError):
 
 class CircuitOpenError(HoldwallError):
     """The Kafka circuit breaker is open; calls are refused until it half-opens."""
+
+
+class HandlerConfigError(HoldwallError):
+    """A pipeline handler cannot be registered (PIPELINE_HANDLERS entry or duplicate type)."""

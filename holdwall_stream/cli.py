@@ -1,0 +1,204 @@
+"""`holdwall-stream`: operator commands (verify, db, dlq, run). The worker is `faust -A ...`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from holdwall_stream.errors import HoldwallError, SettingsError
+from holdwall_stream.settings import Settings, load_settings
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="holdwall-stream", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    commands.add_parser("run", help="local broker (unless KAFKA_BROKERS is set) + worker")
+
+    verify = commands.add_parser("verify", help="check DNS, TCP, TLS, SASL, topics, round trip")
+    verify.add_argument("--json", action="store_true", help="print the results as JSON")
+
+    db = commands.add_parser("db", help="database schema").add_subparsers(
+        dest="db_command", required=True
+    )
+    db.add_parser("init", help="create the schema (idempotent)")
+    ddl = db.add_parser("ddl", help="print the DDL of a dialect, or --write tables/*.sql")
+    ddl.add_argument("dialect", nargs="?", choices=["postgresql", "sqlite"], default="postgresql")
+    ddl.add_argument("--write", action="store_true", help="regenerate tables/*.sql")
+
+    dlq = commands.add_parser("dlq", help="dead letters").add_subparsers(
+        dest="dlq_command", required=True
+    )
+    listing = dlq.add_parser("list", help="list dead letters not yet replayed")
+    listing.add_argument("--limit", type=int, default=50)
+    listing.add_argument("--all", action="store_true", help="include replayed ones")
+    listing.add_argument("--json", action="store_true")
+    show = dlq.add_parser("show", help="one dead letter with its headers and payload")
+    show.add_argument("id", type=int)
+    replay = dlq.add_parser("replay", help="re-send to the events topic with the same event id")
+    replay.add_argument("ids", type=int, nargs="*")
+    replay.add_argument("--all", action="store_true", help="every dead letter not yet replayed")
+    purge = dlq.add_parser("purge", help="delete dead letters from the table")
+    purge.add_argument("--yes", action="store_true", help="confirm the deletion")
+    purge.add_argument("--replayed-only", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "run":
+        from holdwall_stream.embedded import run_local
+
+        return run_local()
+    if args.command == "db" and args.db_command == "ddl":
+        return _ddl(args)
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        print(f"holdwall-stream: invalid setting: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    handler: Callable[[Settings, argparse.Namespace], Awaitable[int]] = {
+        "verify": _verify,
+        "db": _db_init,
+        "dlq": _dlq,
+    }[args.command]
+    try:
+        return asyncio.run(handler(settings, args))
+    except HoldwallError as exc:
+        print(f"holdwall-stream: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _ddl(args: argparse.Namespace) -> int:
+    from holdwall_stream.db.schema import render_ddl, write_ddl_files
+
+    if args.write:
+        for path in write_ddl_files():
+            print(f"wrote {path}")
+    else:
+        print(render_ddl(args.dialect), end="")
+    return 0
+
+
+async def _verify(settings: Settings, args: argparse.Namespace) -> int:
+    from holdwall_stream.verify import format_results, run_checks
+
+    results = await run_checks(settings)
+    print(format_results(results, as_json=args.json))
+    return 0 if all(result.ok for result in results) else EXIT_FAILED
+
+
+async def _db_init(settings: Settings, _args: argparse.Namespace) -> int:
+    from holdwall_stream.db.engine import create_engine
+    from holdwall_stream.db.schema import init_schema
+
+    engine = create_engine(settings)
+    try:
+        await init_schema(engine)
+    finally:
+        await engine.dispose()
+    print(f"schema ready on {settings.database_url_redacted}")
+    return 0
+
+
+async def _dlq(settings: Settings, args: argparse.Namespace) -> int:
+    from holdwall_stream.db.engine import create_engine
+    from holdwall_stream.db.schema import init_schema
+
+    engine = create_engine(settings)
+    try:
+        await init_schema(engine)
+        return await _dlq_command(settings, engine, args)
+    finally:
+        await engine.dispose()
+
+
+async def _dlq_command(settings: Settings, engine: Any, args: argparse.Namespace) -> int:
+    from holdwall_stream.pipeline import dlq
+
+    if args.dlq_command == "list":
+        letters = await dlq.list_dead_letters(engine, limit=args.limit, include_replayed=args.all)
+        rows = [_summary(letter) for letter in letters]
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        else:
+            for row in rows:
+                print(
+                    f"{row['id']:>6}  {row['created_at']}  {row['reason']:<16} "
+                    f"event={row['event_id']}  {row['error'][:80]}"
+                    + ("  (replayed)" if row["replayed_at"] else "")
+                )
+            print(f"{len(rows)} dead letter(s)")
+        return 0
+    if args.dlq_command == "show":
+        letter = await dlq.get_dead_letter(engine, args.id)
+        if letter is None:
+            print(f"no dead letter with id {args.id}", file=sys.stderr)
+            return EXIT_FAILED
+        detail = _summary(letter) | {
+            "headers": letter.headers,
+            "key": _text(letter.key),
+            "raw": _text(letter.raw),
+        }
+        print(json.dumps(detail, indent=2))
+        return 0
+    if args.dlq_command == "replay":
+        return await _replay(settings, engine, args)
+    if not args.yes:
+        print("purge deletes dead letters for good: add --yes to confirm", file=sys.stderr)
+        return EXIT_USAGE
+    deleted = await dlq.purge(engine, replayed_only=args.replayed_only)
+    print(f"purged {deleted} dead letter(s)")
+    return 0
+
+
+async def _replay(settings: Settings, engine: Any, args: argparse.Namespace) -> int:
+    from holdwall_stream.messaging.producer import KafkaProducer
+    from holdwall_stream.observability.metrics import Metrics
+    from holdwall_stream.pipeline import dlq
+
+    ids = list(args.ids)
+    if args.all:
+        ids += [letter.id for letter in await dlq.list_dead_letters(engine, limit=1_000_000)]
+    if not ids:
+        print("name dead letter ids to replay, or --all", file=sys.stderr)
+        return EXIT_USAGE
+    producer = KafkaProducer(settings, Metrics())
+    try:
+        replayed = await dlq.replay(engine, producer, settings.kafka_events_topic, ids)
+    finally:
+        await producer.stop()
+    print(f"replayed {len(replayed)} dead letter(s): {' '.join(map(str, replayed))}")
+    return 0 if len(replayed) == len(set(ids)) else EXIT_FAILED
+
+
+def _summary(letter: Any) -> dict[str, Any]:
+    return {
+        "id": letter.id,
+        "event_id": str(letter.event_id) if letter.event_id else None,
+        "reason": letter.reason,
+        "error": letter.error,
+        "original_topic": letter.original_topic,
+        "original_partition": letter.original_partition,
+        "original_offset": letter.original_offset,
+        "attempts": letter.attempts,
+        "created_at": str(letter.created_at),
+        "replayed_at": str(letter.replayed_at) if letter.replayed_at else None,
+    }
+
+
+def _text(value: bytes | None) -> str | None:
+    if value is None:
+        return None
+    return value.decode("utf-8", "backslashreplace")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

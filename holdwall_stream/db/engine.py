@@ -1,0 +1,56 @@
+"""Async engines for PostgreSQL (psycopg) and SQLite (aiosqlite), configured for the relay."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+
+from holdwall_stream.settings import Settings
+
+SQLITE_BUSY_TIMEOUT_S = 30
+
+
+def create_engine(settings: Settings, **engine_options: Any) -> AsyncEngine:
+    url = settings.async_database_url
+    if settings.database_dialect == "sqlite":
+        engine = create_async_engine(
+            url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S}, **engine_options
+        )
+        _serialise_sqlite_writers(engine)
+        return engine
+    options: dict[str, Any] = {"pool_size": 10, "max_overflow": 10, "pool_pre_ping": True}
+    options.update(engine_options)
+    return create_async_engine(url, **options)
+
+
+def _serialise_sqlite_writers(engine: AsyncEngine) -> None:
+    """Every SQLite transaction starts with BEGIN IMMEDIATE.
+
+    SQLite has one writer at a time anyway; taking the write lock up front makes the relay's
+    claim-produce-mark transaction the mutex that lets one worker relay while the others
+    stand by, and it turns lock upgrades (which fail with SQLITE_BUSY at once) into waits.
+    """
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_S * 1000}")
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def create_session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    return async_sessionmaker(engine, expire_on_commit=False)

@@ -1,0 +1,135 @@
+"""SQLAlchemy 2.0 models: the source of the schema; tables/*.sql is generated from them."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    Uuid,
+    false,
+    func,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# SQLite only auto-increments an INTEGER PRIMARY KEY, so BIGINT ids are INTEGER there.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+Timestamp = DateTime(timezone=True)
+
+UNPUBLISHED = text("published = false AND dead_lettered_at IS NULL")
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Event(Base):
+    """A business event as the application wrote it."""
+
+    __tablename__ = "events"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    type: Mapped[str] = mapped_column(String(200))
+    aggregate_id: Mapped[str] = mapped_column(String(500))
+    occurred_at: Mapped[datetime] = mapped_column(Timestamp)
+    schema_version: Mapped[int] = mapped_column(Integer, default=1)
+    data: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+
+
+class Outbox(Base):
+    """One row per event still to be relayed (or relayed, until retention deletes it).
+
+    ``partition`` is fixed at write time with Kafka's default partitioner so the relay can
+    lock and drain one partition at a time: that is what keeps order per key.
+    ``txid`` (PostgreSQL only) is the writing transaction's id; the relay skips rows whose
+    transaction might still have lower-id neighbours in flight.
+    """
+
+    __tablename__ = "outbox"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    event_id: Mapped[uuid.UUID] = mapped_column(Uuid, unique=True)
+    topic: Mapped[str] = mapped_column(String(249))
+    partition: Mapped[int] = mapped_column(Integer)
+    key: Mapped[bytes] = mapped_column(LargeBinary)
+    payload: Mapped[bytes] = mapped_column(LargeBinary)
+    headers: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
+    txid: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+    published: Mapped[bool] = mapped_column(Boolean, server_default=false(), default=False)
+    published_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, server_default=text("0"), default=0)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    dead_lettered_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
+
+    __table_args__ = (
+        Index(
+            "ix_outbox_unpublished",
+            "partition",
+            "id",
+            postgresql_where=UNPUBLISHED,
+            sqlite_where=UNPUBLISHED,
+        ),
+        Index(
+            "ix_outbox_published_at",
+            "published_at",
+            postgresql_where=text("published = true"),
+            sqlite_where=text("published = 1"),
+        ),
+    )
+
+
+class RelayLock(Base):
+    """One row per events-topic partition; the relay holds its row lock while draining it."""
+
+    __tablename__ = "relay_locks"
+
+    partition: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+
+
+class ProcessedEvent(Base):
+    """What the default handler records: one row per event id however often it arrives."""
+
+    __tablename__ = "processed_events"
+
+    event_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    type: Mapped[str] = mapped_column(String(200))
+    processed_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+
+
+class DeadLetter(Base):
+    """A message the pipeline or the relay could not deliver, kept for inspection and replay."""
+
+    __tablename__ = "dead_letters"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    event_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, nullable=True, index=True)
+    key: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    raw: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    reason: Mapped[str] = mapped_column(String(100))
+    error: Mapped[str] = mapped_column(Text)
+    headers: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
+    original_topic: Mapped[str | None] = mapped_column(String(249), nullable=True)
+    original_partition: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    original_offset: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    dlq_partition: Mapped[int] = mapped_column(Integer)
+    dlq_offset: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+    replayed_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
+
+    __table_args__ = (
+        Index("ux_dead_letters_dlq_position", "dlq_partition", "dlq_offset", unique=True),
+    )

@@ -1,0 +1,58 @@
+"""Creating the schema idempotently, and rendering the DDL that tables/ holds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlalchemy import DDL, event, text
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.schema import CreateIndex, CreateTable
+
+from holdwall_stream.db.models import Base, Outbox
+
+TABLES_DIR = Path(__file__).resolve().parents[2] / "tables"
+DIALECTS = {"postgresql": postgresql.dialect(), "sqlite": sqlite.dialect()}
+DDL_FILES = {"postgresql": "postgres.sql", "sqlite": "sqlite.sql"}
+
+# The writing transaction's id, so the relay can wait for lower ids still in flight.
+OUTBOX_TXID_DEFAULT = DDL(
+    "ALTER TABLE outbox ALTER COLUMN txid SET DEFAULT (pg_current_xact_id()::text::bigint)"
+)
+event.listen(Outbox.__table__, "after_create", OUTBOX_TXID_DEFAULT.execute_if(dialect="postgresql"))
+
+# Serialises concurrent `db init` / worker starts on one PostgreSQL database.
+_SCHEMA_LOCK_KEY = 0x686F6C64  # "hold"
+
+
+async def init_schema(engine: AsyncEngine) -> None:
+    """Creates missing tables and indexes; safe to run from several processes at once."""
+    async with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            await connection.execute(text(f"SELECT pg_advisory_xact_lock({_SCHEMA_LOCK_KEY})"))
+        await connection.run_sync(Base.metadata.create_all, checkfirst=True)
+
+
+def render_ddl(dialect_name: str) -> str:
+    """The schema as SQL for one dialect, in dependency order; what tables/*.sql must equal."""
+    dialect = DIALECTS[dialect_name]
+    statements: list[str] = []
+    for table in Base.metadata.sorted_tables:
+        statements.append(str(CreateTable(table).compile(dialect=dialect)).strip())
+        statements.extend(
+            str(CreateIndex(index).compile(dialect=dialect)).strip()
+            for index in sorted(table.indexes, key=lambda index: index.name or "")
+        )
+        if table is Outbox.__table__ and dialect_name == "postgresql":
+            statements.append(str(OUTBOX_TXID_DEFAULT.compile(dialect=dialect)).strip())
+    header = "-- Generated from holdwall_stream/db/models.py by `make ddl`; do not edit.\n"
+    return header + "".join(f"\n{statement};\n" for statement in statements)
+
+
+def write_ddl_files(directory: Path = TABLES_DIR) -> list[Path]:
+    written = []
+    for dialect_name, file_name in DDL_FILES.items():
+        path = directory / file_name
+        path.write_text(render_ddl(dialect_name))
+        written.append(path)
+    return written

@@ -1,0 +1,186 @@
+"""The Faust app: topics, agents, the relay timer, web views, startup checks.
+
+`faust -A holdwall_stream worker` imports this module; settings are read once, here.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Iterable
+from typing import Any
+
+import faust
+from faust.app.base import BootStrategy
+from mode import ServiceT
+
+from holdwall_stream.db.schema import init_schema
+from holdwall_stream.errors import SettingsError
+from holdwall_stream.messaging.client import ssl_context
+from holdwall_stream.messaging.topics import ensure_topics
+from holdwall_stream.outbox.service import RelayService
+from holdwall_stream.pipeline.dlq import DlqMessage, store_dead_letters
+from holdwall_stream.pipeline.processor import IncomingMessage
+from holdwall_stream.runtime import Runtime
+from holdwall_stream.settings import Settings, load_settings
+from holdwall_stream.web.views import register_views
+
+log = logging.getLogger(__name__)
+PIPELINE_BATCH = 1000
+PIPELINE_BATCH_WITHIN_S = 0.05
+
+
+class KafkaOffBootStrategy(BootStrategy):
+    """KAFKA_ENABLED=false: web and timers only; no consumer, agents or tables."""
+
+    enable_kafka = False
+
+    def agents(self) -> Iterable[ServiceT]:
+        return []
+
+    def tables(self) -> Iterable[ServiceT]:
+        return []
+
+
+class HoldwallApp(faust.App):
+    runtime: Runtime
+
+    async def on_first_start(self) -> None:
+        await super().on_first_start()
+        settings = self.runtime.settings
+        if settings.kafka_validate_on_startup:
+            from holdwall_stream.verify import validate_or_raise
+
+            await validate_or_raise(settings)
+        await init_schema(self.runtime.engine)
+        if settings.kafka_enabled:
+            await ensure_topics(settings)
+
+
+def broker_credentials(settings: Settings) -> faust.types.auth.CredentialsT | None:
+    context = ssl_context(settings)
+    if settings.sasl_enabled:
+        assert settings.kafka_sasl_password is not None
+        return faust.SASLCredentials(
+            username=settings.kafka_sasl_username,
+            password=settings.kafka_sasl_password.get_secret_value(),
+            mechanism=settings.sasl_mechanism,
+            ssl_context=context,
+        )
+    if context is not None:
+        return faust.SSLCredentials(context)
+    return None
+
+
+def create_app(settings: Settings) -> HoldwallApp:
+    block_cache = settings.rocksdb_block_cache_mb * 1024 * 1024
+    app = HoldwallApp(
+        settings.kafka_group_id,
+        broker=[f"kafka://{address}" for address in settings.bootstrap_servers],
+        broker_credentials=broker_credentials(settings),
+        broker_session_timeout=settings.kafka_session_timeout / 1000,
+        broker_heartbeat_interval=min(3.0, settings.kafka_session_timeout / 3000),
+        broker_request_timeout=settings.kafka_request_timeout / 1000,
+        consumer_auto_offset_reset="earliest",
+        producer_acks=-1,
+        store="rocksdb://",
+        rocksdb_options={"block_cache_size": block_cache, "write_buffer_size": block_cache},
+        datadir=str(settings.faust_data_dir),
+        topic_partitions=settings.kafka_partitions,
+        topic_replication_factor=settings.kafka_replication_factor,
+        web_port=settings.web_port,
+        web_bind=settings.web_host,
+        web_enabled=True,
+        autodiscover=False,
+    )
+    runtime = Runtime(settings)
+    app.runtime = runtime
+    if not settings.kafka_enabled:
+        app.boot_strategy = KafkaOffBootStrategy(app)
+
+    events_topic = app.topic(
+        settings.kafka_events_topic,
+        partitions=settings.kafka_partitions,
+        key_serializer="raw",
+        value_serializer="raw",
+    )
+    dlq_topic = app.topic(
+        settings.kafka_dlq_topic,
+        partitions=settings.kafka_partitions,
+        key_serializer="raw",
+        value_serializer="raw",
+    )
+
+    def owned_partitions() -> set[int]:
+        return {
+            tp.partition
+            for tp in app.assignor.assigned_actives()
+            if tp.topic == settings.kafka_events_topic
+        }
+
+    def consumer_state() -> dict[str, Any]:
+        return {
+            "status": "disabled" if not settings.kafka_enabled else "ok",
+            "rebalancing": bool(settings.kafka_enabled and app.rebalancing),
+            "assigned_partitions": sorted(owned_partitions()) if settings.kafka_enabled else [],
+        }
+
+    if settings.kafka_enabled:
+        relay_service = RelayService(settings, runtime.relay, owned_partitions, loop=app.loop)
+        app.service(relay_service)
+        runtime.relay_wake = relay_service.wake
+
+        @app.timer(interval=settings.outbox_poll_interval_ms / 1000)
+        async def poll_outbox() -> None:
+            """The safety net under LISTEN/NOTIFY: wake the relay every poll interval."""
+            relay_service.wake()
+
+        @app.agent(events_topic, name="pipeline")
+        async def process_events(stream: faust.StreamT) -> None:
+            async for events in stream.take_events(PIPELINE_BATCH, within=PIPELINE_BATCH_WITHIN_S):
+                await runtime.processor.process([_incoming(event) for event in events])
+
+        @app.agent(dlq_topic, name="dead-letters")
+        async def keep_dead_letters(stream: faust.StreamT) -> None:
+            async for events in stream.take_events(PIPELINE_BATCH, within=PIPELINE_BATCH_WITHIN_S):
+                stored = await store_dead_letters(
+                    runtime.engine, [_dlq_message(event) for event in events]
+                )
+                runtime.metrics.dlq_stored.inc(stored)
+
+    register_views(app, runtime, consumer_state)
+    return app
+
+
+def _incoming(event: faust.EventT) -> IncomingMessage:
+    message = event.message
+    return IncomingMessage(
+        topic=message.topic,
+        partition=message.partition,
+        offset=message.offset,
+        key=message.key,
+        value=message.value,
+        headers=list(message.headers or []),
+    )
+
+
+def _dlq_message(event: faust.EventT) -> DlqMessage:
+    message = event.message
+    return DlqMessage(
+        partition=message.partition,
+        offset=message.offset,
+        key=message.key,
+        value=message.value,
+        headers=list(message.headers or []),
+    )
+
+
+def _load_settings_or_exit() -> Settings:
+    try:
+        return load_settings()
+    except SettingsError as exc:
+        print(f"holdwall-stream: invalid setting: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+app = create_app(_load_settings_or_exit())

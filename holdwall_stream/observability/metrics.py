@@ -1,0 +1,93 @@
+"""Prometheus metrics of one worker, on a registry of its own (served by /api/metrics)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+
+# The `_created` timestamps double the exposition for no operational value.
+disable_created_metrics()
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+BATCH_BUCKETS = (1, 5, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
+BREAKER_STATE_VALUES = {"closed": 0, "half_open": 1, "open": 2}
+
+
+class Metrics:
+    """The checklist's base names (kafka_connections, kafka_outbox_published, ...) and ours."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.kafka_connections = Counter(
+            "kafka_connections", "Kafka client connections established", registry=r
+        )
+        self.kafka_connection_errors = Counter(
+            "kafka_connection_errors", "Kafka connection attempts that failed", registry=r
+        )
+        self.outbox_published = Counter(
+            "kafka_outbox_published", "Outbox rows published to Kafka", registry=r
+        )
+        self.outbox_publish_errors = Counter(
+            "kafka_outbox_publish_errors", "Outbox rows whose publish attempt failed", registry=r
+        )
+        self.outbox_dead_lettered = Counter(
+            "kafka_outbox_dead_lettered", "Outbox rows sent to the DLQ instead", registry=r
+        )
+        self.outbox_backlog = Gauge(
+            "kafka_outbox_backlog", "Outbox rows not yet published", registry=r
+        )
+        self.outbox_oldest_age = Gauge(
+            "kafka_outbox_oldest_unpublished_age_seconds",
+            "Age of the oldest unpublished outbox row",
+            registry=r,
+        )
+        self.outbox_rate = Gauge(
+            "kafka_outbox_publish_rate", "Outbox rows published per second, last minute", registry=r
+        )
+        self.outbox_batch_size = Histogram(
+            "kafka_outbox_batch_size", "Rows per relayed batch", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.outbox_publish_latency = Histogram(
+            "kafka_outbox_publish_latency_seconds",
+            "Produce-to-acknowledge time of a relayed batch",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.breaker_state = Gauge(
+            "kafka_circuit_breaker_state",
+            "Kafka circuit breaker: 0 closed, 1 half-open, 2 open",
+            registry=r,
+        )
+        self.consumer_lag = Gauge(
+            "kafka_consumer_lag",
+            "End offset minus committed offset",
+            ["topic", "partition"],
+            registry=r,
+        )
+        self.events_processed = Counter(
+            "pipeline_events_processed", "Events processed by the pipeline", ["type"], registry=r
+        )
+        self.events_duplicate = Counter(
+            "pipeline_events_duplicate", "Events skipped as already processed", registry=r
+        )
+        self.events_unknown_type = Counter(
+            "pipeline_events_unknown_type", "Events of a type with no handler", registry=r
+        )
+        self.events_retried = Counter(
+            "pipeline_events_retried", "Handler attempts that failed and were retried", registry=r
+        )
+        self.dlq_sent = Counter(
+            "dlq_messages_sent", "Messages sent to the dead-letter topic", ["reason"], registry=r
+        )
+        self.dlq_stored = Counter(
+            "dlq_messages_stored", "Dead letters stored in the dead_letters table", registry=r
+        )
+        self.dlq_replayed = Counter(
+            "dlq_messages_replayed", "Dead letters replayed to the events topic", registry=r
+        )
+        self.events_accepted = Counter(
+            "api_events_accepted", "Events stored through POST /api/events", registry=r
+        )
+
+    def set_breaker_state(self, state: str) -> None:
+        self.breaker_state.set(BREAKER_STATE_VALUES[state])

@@ -1,0 +1,37 @@
+"""PostgreSQL LISTEN/NOTIFY: the event writer's NOTIFY wakes the relay at once."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import psycopg
+from sqlalchemy.engine import make_url
+
+from holdwall_stream.outbox.writer import OUTBOX_CHANNEL
+
+log = logging.getLogger(__name__)
+RECONNECT_DELAY_S = 2.0
+
+
+def libpq_url(async_url: str) -> str:
+    return make_url(async_url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+async def listen_for_outbox_writes(async_url: str, wake: Callable[[], None]) -> None:
+    """Calls ``wake`` on every notification; reconnects forever (polling covers the gaps)."""
+    while True:
+        try:
+            async with await psycopg.AsyncConnection.connect(
+                libpq_url(async_url), autocommit=True
+            ) as connection:
+                await connection.execute(f"LISTEN {OUTBOX_CHANNEL}")
+                wake()  # anything written while we were not listening
+                async for _notification in connection.notifies():
+                    wake()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("Outbox LISTEN connection lost (%r); polling only until it is back", exc)
+        await asyncio.sleep(RECONNECT_DELAY_S)

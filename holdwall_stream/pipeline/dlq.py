@@ -1,0 +1,134 @@
+"""The dead_letters table: what the DLQ agent keeps, and what the dlq CLI lists and replays."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from holdwall_stream.db.models import DeadLetter
+from holdwall_stream.messaging import dead_letter as headers_
+from holdwall_stream.messaging.producer import KafkaProducer
+from holdwall_stream.pipeline.envelope import EVENT_ID_HEADER
+
+
+@dataclass(frozen=True, slots=True)
+class DlqMessage:
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: list[tuple[str, bytes]]
+
+
+def _to_row(message: DlqMessage) -> dict[str, object]:
+    headers = headers_.decode_headers(message.headers)
+    return {
+        "event_id": _uuid_or_none(headers.get(EVENT_ID_HEADER)),
+        "key": message.key,
+        "raw": message.value,
+        "reason": headers.get(headers_.DLQ_REASON, "unknown")[:100],
+        "error": headers.get(headers_.DLQ_ERROR_MESSAGE, ""),
+        "headers": headers,
+        "original_topic": headers.get(headers_.DLQ_ORIGINAL_TOPIC),
+        "original_partition": _int_or_none(headers.get(headers_.DLQ_ORIGINAL_PARTITION)),
+        "original_offset": _int_or_none(headers.get(headers_.DLQ_ORIGINAL_OFFSET)),
+        "attempts": _int_or_none(headers.get(headers_.DLQ_ATTEMPTS)) or 0,
+        "dlq_partition": message.partition,
+        "dlq_offset": message.offset,
+    }
+
+
+async def store_dead_letters(engine: AsyncEngine, messages: Sequence[DlqMessage]) -> int:
+    """Keeps each DLQ message once, keyed by its DLQ position; redelivery is harmless."""
+    if not messages:
+        return 0
+    insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
+    async with engine.begin() as connection:
+        result = await connection.execute(
+            insert(DeadLetter)
+            .on_conflict_do_nothing(index_elements=["dlq_partition", "dlq_offset"])
+            .returning(DeadLetter.id),
+            [_to_row(message) for message in messages],
+        )
+        return len(result.all())
+
+
+async def list_dead_letters(
+    engine: AsyncEngine, *, limit: int = 50, include_replayed: bool = False
+) -> list[DeadLetter]:
+    query = select(DeadLetter).order_by(DeadLetter.id).limit(limit)
+    if not include_replayed:
+        query = query.where(DeadLetter.replayed_at.is_(None))
+    async with engine.connect() as connection:
+        return [DeadLetter(**row._mapping) for row in await connection.execute(query)]
+
+
+async def get_dead_letter(engine: AsyncEngine, dead_letter_id: int) -> DeadLetter | None:
+    async with engine.connect() as connection:
+        row = (
+            await connection.execute(select(DeadLetter).where(DeadLetter.id == dead_letter_id))
+        ).first()
+    return DeadLetter(**row._mapping) if row else None
+
+
+async def count_dead_letters(engine: AsyncEngine) -> int:
+    async with engine.connect() as connection:
+        return int(await connection.scalar(select(func.count()).select_from(DeadLetter)) or 0)
+
+
+async def replay(
+    engine: AsyncEngine, producer: KafkaProducer, events_topic: str, ids: Sequence[int]
+) -> list[int]:
+    """Re-sends dead letters to the events topic with their original key and event id.
+
+    The pipeline dedupes by event id, so replaying twice does not process twice.
+    Returns the ids replayed (unknown ids are ignored).
+    """
+    replayed = []
+    for dead_letter_id in ids:
+        letter = await get_dead_letter(engine, dead_letter_id)
+        if letter is None or letter.raw is None:
+            continue
+        kept = [
+            (name, value.encode())
+            for name, value in (letter.headers or {}).items()
+            if not name.startswith("dlq-")
+        ]
+        kept.append(("dlq-replayed-from", str(letter.id).encode()))
+        await producer.send(events_topic, letter.raw, key=letter.key, headers=kept)
+        async with engine.begin() as connection:
+            await connection.execute(
+                update(DeadLetter)
+                .where(DeadLetter.id == dead_letter_id)
+                .values(replayed_at=datetime.now(UTC))
+            )
+        replayed.append(dead_letter_id)
+    return replayed
+
+
+async def purge(engine: AsyncEngine, *, replayed_only: bool) -> int:
+    statement = delete(DeadLetter)
+    if replayed_only:
+        statement = statement.where(DeadLetter.replayed_at.is_not(None))
+    async with engine.begin() as connection:
+        return int((await connection.execute(statement)).rowcount or 0)
+
+
+def _uuid_or_none(value: str | None) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(value) if value else None
+    except ValueError:
+        return None
+
+
+def _int_or_none(value: str | None) -> int | None:
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None

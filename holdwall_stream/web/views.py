@@ -1,0 +1,127 @@
+"""Faust web views: POST /api/events, GET /api/health, GET /api/metrics."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import faust
+from aiohttp import web
+from faust.web import Request, Response, View
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import TypeAdapter, ValidationError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from holdwall_stream.observability.health import build_report
+from holdwall_stream.observability.metrics_json import metrics_as_json
+from holdwall_stream.outbox.writer import NewEvent, store_events
+from holdwall_stream.runtime import Runtime
+
+_EVENT = TypeAdapter(NewEvent)
+
+
+class BadRequest(Exception):
+    def __init__(self, status: int, error: str, detail: Any = None) -> None:
+        super().__init__(error)
+        self.status = status
+        self.error = error
+        self.detail = detail
+
+
+def register_views(
+    app: faust.App, runtime: Runtime, consumer_state: Callable[[], dict[str, Any]]
+) -> None:
+    settings = runtime.settings
+
+    @app.page("/api/events")
+    class EventsView(View):
+        async def post(self, request: Request) -> Response:
+            try:
+                events = _parse_events(await _read_body(request, settings.api_max_body_bytes))
+                if len(events) > settings.api_max_batch:
+                    raise BadRequest(
+                        413,
+                        f"too many events in one request: {len(events)} > API_MAX_BATCH="
+                        f"{settings.api_max_batch}",
+                    )
+            except BadRequest as exc:
+                body = {"error": exc.error}
+                if exc.detail is not None:
+                    body["detail"] = exc.detail
+                return self.json(body, status=exc.status)
+            async with AsyncSession(runtime.engine) as session, session.begin():
+                stored = await store_events(session, events, runtime.target)
+            runtime.relay_wake()
+            runtime.metrics.events_accepted.inc(len(stored.ids) - len(stored.duplicates))
+            return self.json(
+                {
+                    "ids": [str(i) for i in stored.ids],
+                    "duplicates": [str(i) for i in stored.duplicates],
+                },
+                status=201,
+            )
+
+    @app.page("/api/health")
+    class HealthView(View):
+        async def get(self, request: Request) -> Response:
+            report = await build_report(settings, runtime.relay, runtime.breaker, consumer_state())
+            return self.json(report.body, status=report.http_status)
+
+    @app.page("/api/metrics")
+    class MetricsView(View):
+        async def get(self, request: Request) -> Response:
+            await runtime.relay.backlog()
+            if request.query.get("format") == "json":
+                return self.json(metrics_as_json(runtime.metrics))
+            return web.Response(  # type: ignore[return-value]
+                body=generate_latest(runtime.metrics.registry),
+                headers={"Content-Type": CONTENT_TYPE_LATEST},
+            )
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    length = request.content_length  # type: ignore[attr-defined]
+    if length is not None and length > limit:
+        raise BadRequest(413, f"request body of {length} bytes exceeds API_MAX_BODY_BYTES={limit}")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_chunked(64 * 1024):  # type: ignore[attr-defined]
+        size += len(chunk)
+        if size > limit:
+            raise BadRequest(413, f"request body exceeds API_MAX_BODY_BYTES={limit}")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _parse_events(body: bytes) -> list[NewEvent]:
+    if not body.strip():
+        raise BadRequest(400, "empty body: send a JSON event object or an array of them")
+    try:
+        document = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadRequest(400, f"body is not valid JSON: {exc}") from None
+    items = document if isinstance(document, list) else [document]
+    if not items:
+        raise BadRequest(400, "empty array: send at least one event")
+    events = []
+    problems = []
+    for index, item in enumerate(items):
+        if not isinstance(item, dict):
+            problems.append({"index": index, "error": "each event must be a JSON object"})
+            continue
+        try:
+            events.append(_EVENT.validate_python(item))
+        except ValidationError as exc:
+            problems.append(
+                {
+                    "index": index,
+                    "errors": [
+                        {"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]}
+                        for e in exc.errors()
+                    ],
+                }
+            )
+    if problems:
+        raise BadRequest(422, "invalid event(s); nothing was stored", problems)
+    return events
