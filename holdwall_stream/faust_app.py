@@ -15,7 +15,7 @@ from faust.app.base import BootStrategy
 from mode import ServiceT
 
 from holdwall_stream.db.schema import init_schema
-from holdwall_stream.errors import SettingsError
+from holdwall_stream.errors import HandlerConfigError, SettingsError
 from holdwall_stream.messaging.client import ssl_context
 from holdwall_stream.messaging.topics import ensure_topics
 from holdwall_stream.outbox.service import RelayService
@@ -175,12 +175,13 @@ def _dlq_message(event: faust.EventT) -> DlqMessage:
     )
 
 
-def _load_settings_or_exit() -> Settings:
+def _create_app_or_exit() -> HoldwallApp:
+    """A bad setting stops the process with one line naming the variable."""
     try:
-        return load_settings()
-    except SettingsError as exc:
+        return create_app(load_settings())
+    except (SettingsError, HandlerConfigError) as exc:
         print(f"holdwall-stream: invalid setting: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
-app = create_app(_load_settings_or_exit())
+app = _create_app_or_exit()

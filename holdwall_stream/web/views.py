@@ -94,12 +94,16 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def _parse_events(body: bytes) -> list[NewEvent]:
     if not body.strip():
         raise BadRequest(400, "empty body: send a JSON event object or an array of them")
     try:
-        document = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        document = json.loads(body, parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError) as exc:
         raise BadRequest(400, f"body is not valid JSON: {exc}") from None
     items = document if isinstance(document, list) else [document]
     if not items:

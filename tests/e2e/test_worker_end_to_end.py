@@ -18,7 +18,7 @@ async def test_posted_events_reach_topic_pipeline_and_are_marked_published(
 ) -> None:
     env = worker_env(kafka_bootstrap, database_url)
     with WorkerProcess(env, tmp_path / "worker") as worker:
-        await worker.wait_for_http_async(f"{worker.base_url}/api/health", timeout=90)
+        await worker.wait_for_http_async("/api/health", timeout=90, status={200})
         status, health = get_json(f"{worker.base_url}/api/health")
         assert status == 200, health
         assert health["checks"]["kafka"]["status"] == "ok"
