@@ -18,16 +18,17 @@ from holdwall_stream.db.schema import init_schema
 from holdwall_stream.errors import HandlerConfigError, SettingsError
 from holdwall_stream.messaging.client import ssl_context
 from holdwall_stream.messaging.topics import ensure_topics
+from holdwall_stream.observability.state_tables import WorkerState
 from holdwall_stream.outbox.service import RelayService
+from holdwall_stream.pipeline.consumer import PipelineConsumer, pipeline_group_id
 from holdwall_stream.pipeline.dlq import DlqMessage, store_dead_letters
-from holdwall_stream.pipeline.processor import IncomingMessage
 from holdwall_stream.runtime import Runtime
 from holdwall_stream.settings import Settings, load_settings
 from holdwall_stream.web.views import register_views
 
 log = logging.getLogger(__name__)
-PIPELINE_BATCH = 1000
-PIPELINE_BATCH_WITHIN_S = 0.05
+DLQ_BATCH = 1000
+DLQ_BATCH_WITHIN_S = 0.05
 
 
 class KafkaOffBootStrategy(BootStrategy):
@@ -98,12 +99,10 @@ def create_app(settings: Settings) -> HoldwallApp:
     if not settings.kafka_enabled:
         app.boot_strategy = KafkaOffBootStrategy(app)
 
-    events_topic = app.topic(
-        settings.kafka_events_topic,
-        partitions=settings.kafka_partitions,
-        key_serializer="raw",
-        value_serializer="raw",
-    )
+    if not settings.kafka_enabled:
+        register_views(app, runtime, lambda: {"status": "disabled", "rebalancing": False})
+        return app
+
     dlq_topic = app.topic(
         settings.kafka_dlq_topic,
         partitions=settings.kafka_partitions,
@@ -111,57 +110,45 @@ def create_app(settings: Settings) -> HoldwallApp:
         value_serializer="raw",
     )
 
-    def owned_partitions() -> set[int]:
-        return {
-            tp.partition
-            for tp in app.assignor.assigned_actives()
-            if tp.topic == settings.kafka_events_topic
-        }
+    pipeline = PipelineConsumer(settings, runtime.processor, runtime.metrics, loop=app.loop)
+    worker_state = WorkerState(app, settings, pipeline, runtime.breaker, runtime.metrics)
 
     def consumer_state() -> dict[str, Any]:
         return {
-            "status": "disabled" if not settings.kafka_enabled else "ok",
-            "rebalancing": bool(settings.kafka_enabled and app.rebalancing),
-            "assigned_partitions": sorted(owned_partitions()) if settings.kafka_enabled else [],
+            "status": "ok",
+            "group": pipeline_group_id(settings),
+            "rebalancing": bool(app.rebalancing),
+            "assigned_partitions": sorted(pipeline.assigned_partitions()),
+            "events_consumed": pipeline.events_consumed,
+            "lag": worker_state.lag_view(),
+            "circuit_breakers": worker_state.breakers_view(),
         }
 
-    if settings.kafka_enabled:
-        relay_service = RelayService(settings, runtime.relay, owned_partitions, loop=app.loop)
-        app.service(relay_service)
-        runtime.relay_wake = relay_service.wake
+    # The relay drains the partitions this worker's pipeline consumer holds, so the
+    # workers split the outbox the way they split the topic.
+    relay_service = RelayService(
+        settings, runtime.relay, pipeline.assigned_partitions, loop=app.loop
+    )
+    pipeline.on_assignment = relay_service.wake
+    app.service(relay_service)
+    app.service(pipeline)
+    runtime.relay_wake = relay_service.wake
 
-        @app.timer(interval=settings.outbox_poll_interval_ms / 1000)
-        async def poll_outbox() -> None:
-            """The safety net under LISTEN/NOTIFY: wake the relay every poll interval."""
-            relay_service.wake()
+    @app.timer(interval=settings.outbox_poll_interval_ms / 1000)
+    async def poll_outbox() -> None:
+        """The safety net under LISTEN/NOTIFY: wake the relay every poll interval."""
+        relay_service.wake()
 
-        @app.agent(events_topic, name="pipeline")
-        async def process_events(stream: faust.StreamT) -> None:
-            async for events in stream.take_events(PIPELINE_BATCH, within=PIPELINE_BATCH_WITHIN_S):
-                await runtime.processor.process([_incoming(event) for event in events])
-
-        @app.agent(dlq_topic, name="dead-letters")
-        async def keep_dead_letters(stream: faust.StreamT) -> None:
-            async for events in stream.take_events(PIPELINE_BATCH, within=PIPELINE_BATCH_WITHIN_S):
-                stored = await store_dead_letters(
-                    runtime.engine, [_dlq_message(event) for event in events]
-                )
-                runtime.metrics.dlq_stored.inc(stored)
+    @app.agent(dlq_topic, name="dead-letters")
+    async def keep_dead_letters(stream: faust.StreamT) -> None:
+        async for events in stream.take_events(DLQ_BATCH, within=DLQ_BATCH_WITHIN_S):
+            stored = await store_dead_letters(
+                runtime.engine, [_dlq_message(event) for event in events]
+            )
+            runtime.metrics.dlq_stored.inc(stored)
 
     register_views(app, runtime, consumer_state)
     return app
-
-
-def _incoming(event: faust.EventT) -> IncomingMessage:
-    message = event.message
-    return IncomingMessage(
-        topic=message.topic,
-        partition=message.partition,
-        offset=message.offset,
-        key=message.key,
-        value=message.value,
-        headers=list(message.headers or []),
-    )
 
 
 def _dlq_message(event: faust.EventT) -> DlqMessage:
