@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -90,6 +91,8 @@ def _ddl(args: argparse.Namespace) -> int:
 async def _verify(settings: Settings, args: argparse.Namespace) -> int:
     from holdwall_stream.verify import format_results, run_checks
 
+    # aiokafka logs the same connection failures the check details already explain.
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     results = await run_checks(settings)
     print(format_results(results, as_json=args.json))
     return 0 if all(result.ok for result in results) else EXIT_FAILED

@@ -16,7 +16,7 @@ from mode import ServiceT
 
 from holdwall_stream.db.schema import init_schema
 from holdwall_stream.errors import HandlerConfigError, SettingsError
-from holdwall_stream.messaging.client import ssl_context
+from holdwall_stream.messaging.client import build_ssl_context
 from holdwall_stream.messaging.topics import ensure_topics
 from holdwall_stream.observability.state_tables import WorkerState
 from holdwall_stream.outbox.service import RelayService
@@ -24,6 +24,7 @@ from holdwall_stream.pipeline.consumer import PipelineConsumer, pipeline_group_i
 from holdwall_stream.pipeline.dlq import DlqMessage, store_dead_letters
 from holdwall_stream.runtime import Runtime
 from holdwall_stream.settings import Settings, load_settings
+from holdwall_stream.verify import validate_or_raise
 from holdwall_stream.web.views import register_views
 
 log = logging.getLogger(__name__)
@@ -49,17 +50,27 @@ class HoldwallApp(faust.App):
     async def on_first_start(self) -> None:
         await super().on_first_start()
         settings = self.runtime.settings
-        if settings.kafka_validate_on_startup:
-            from holdwall_stream.verify import validate_or_raise
-
-            await validate_or_raise(settings)
         await init_schema(self.runtime.engine)
-        if settings.kafka_enabled:
+        if not settings.kafka_enabled:
+            return
+        try:
             await ensure_topics(settings)
+        except Exception as exc:
+            log.error("Kafka connection error: cannot declare topics: %r", exc)
+            if settings.kafka_validate_on_startup:
+                await validate_or_raise(settings)  # names the check that fails
+            raise
+        if settings.kafka_validate_on_startup:
+            # After ensure_topics, so a fresh cluster's missing topics are not a failure.
+            await validate_or_raise(settings)
+
+    async def on_stop(self) -> None:
+        await super().on_stop()
+        await self.runtime.close()
 
 
 def broker_credentials(settings: Settings) -> faust.types.auth.CredentialsT | None:
-    context = ssl_context(settings)
+    context = build_ssl_context(settings)
     if settings.sasl_enabled:
         assert settings.kafka_sasl_password is not None
         return faust.SASLCredentials(

@@ -15,6 +15,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from holdwall_stream.errors import SettingsError
 
@@ -67,12 +68,21 @@ def async_database_url(url: str) -> str:
         raise ValueError("expected postgresql://user:pw@host:5432/db or sqlite:///path")
     scheme = scheme.lower()
     if scheme in ("postgresql", "postgres", "postgresql+psycopg", "postgresql+psycopg_async"):
-        return f"postgresql+psycopg://{rest}"
-    if scheme in ("sqlite", "sqlite+aiosqlite"):
-        return f"sqlite+aiosqlite://{rest}"
-    raise ValueError(
-        f"unsupported scheme {scheme!r}; use postgresql://user:pw@host:5432/db or sqlite:///path"
-    )
+        mapped = f"postgresql+psycopg://{rest}"
+    elif scheme in ("sqlite", "sqlite+aiosqlite"):
+        mapped = f"sqlite+aiosqlite://{rest}"
+    else:
+        raise ValueError(
+            f"unsupported scheme {scheme!r}; use postgresql://user:pw@host:5432/db or sqlite:///path"
+        )
+    try:
+        make_url(mapped)
+    except (ValueError, ArgumentError):
+        # The parser's own message may quote parts of the URL (and so the password).
+        raise ValueError(
+            "cannot be parsed; expected postgresql://user:pw@host:5432/db or sqlite:///path"
+        ) from None
+    return mapped
 
 
 class Settings(BaseSettings):

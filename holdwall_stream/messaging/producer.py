@@ -40,13 +40,14 @@ class KafkaProducer:
         return self._producer
 
     async def _start(self) -> AIOKafkaProducer:
+        options = kafka_client_options(self._settings)
+        options["client_id"] = f"{self._settings.kafka_group_id}-relay"
         producer = AIOKafkaProducer(
-            **kafka_client_options(self._settings),
+            **options,
             acks="all",
             linger_ms=0,
             max_batch_size=self._settings.kafka_max_message_bytes + _BATCH_OVERHEAD,
             max_request_size=self._settings.kafka_max_message_bytes + _BATCH_OVERHEAD,
-            client_id=f"{self._settings.kafka_group_id}-relay",
         )
         try:
             await producer.start()

@@ -106,8 +106,15 @@ async def store_events(
         if dialect == "postgresql":
             await session.execute(text(f"NOTIFY {OUTBOX_CHANNEL}"))
     ids = [envelope.id for envelope in envelopes]
-    fresh_ids = {envelope.id for envelope in fresh}
-    duplicates = [event_id for event_id in ids if event_id not in fresh_ids]
+    # Each id stored now counts once; any other occurrence (already stored, or repeated
+    # within this batch) was not stored and is a duplicate.
+    stored_now = {envelope.id for envelope in fresh}
+    duplicates = []
+    for event_id in ids:
+        if event_id in stored_now:
+            stored_now.discard(event_id)
+        else:
+            duplicates.append(event_id)
     return StoredEvents(ids=ids, duplicates=duplicates)
 
 

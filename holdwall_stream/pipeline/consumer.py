@@ -92,10 +92,11 @@ class PipelineConsumer(Service):
 
     async def on_start(self) -> None:
         session_ms = self._settings.kafka_session_timeout
+        options = kafka_client_options(self._settings)
+        options["client_id"] = f"{self._settings.kafka_group_id}-pipeline"
         self._consumer = AIOKafkaConsumer(
-            **kafka_client_options(self._settings),
+            **options,
             group_id=pipeline_group_id(self._settings),
-            client_id=f"{self._settings.kafka_group_id}-pipeline",
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_poll_records=FETCH_MAX_RECORDS,
