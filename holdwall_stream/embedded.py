@@ -12,6 +12,7 @@ import asyncio
 import ctypes
 import errno
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -413,6 +414,9 @@ class _WorkerSupervisor:
             stop_process_group(self._worker, STOP_GRACE_S)
 
 
+EMBEDDED_DATA_DIR = "holdwall-data/embedded"
+
+
 def run_local(argv: list[str] | None = None) -> int:
     """`make run`: the worker against KAFKA_BROKERS, or against an embedded Tansu on :9092.
 
@@ -459,6 +463,7 @@ def run_local(argv: list[str] | None = None) -> int:
                     _say(str(exc))
                     return 1
                 env["KAFKA_BROKERS"] = broker.bootstrap
+                env.setdefault("FAUST_DATA_DIR", str(_fresh_embedded_data_dir()))
                 _say(f"embedded broker (Tansu) on {broker.bootstrap}, log {broker.active_log_path}")
             if supervisor.signals:
                 return 128 + supervisor.signals[0]
@@ -466,6 +471,14 @@ def run_local(argv: list[str] | None = None) -> int:
         finally:
             if broker is not None:
                 broker.stop()
+
+
+def _fresh_embedded_data_dir() -> Path:
+    """The embedded broker keeps nothing across runs: neither may the worker's table state,
+    or RocksDB would hold offsets and keys of changelogs that no longer exist."""
+    path = Path(EMBEDDED_DATA_DIR)
+    shutil.rmtree(path, ignore_errors=True)
+    return path
 
 
 def _say(message: str) -> None:

@@ -94,7 +94,9 @@ async def build_report(
         outbox.update(status="unknown")
         statuses.append("unhealthy")
 
-    consumer_verdict = "degraded" if consumer.get("rebalancing") else "ok"
+    consumer_verdict = (
+        "degraded" if consumer.get("rebalancing") or consumer.get("status") == "error" else "ok"
+    )
     statuses.append(consumer_verdict)
     status = worst(*statuses)
     return HealthReport(

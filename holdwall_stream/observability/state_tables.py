@@ -40,16 +40,30 @@ class WorkerState:
             f"{settings.kafka_group_id}-consumer-lag",
             internal=True,
             partitions=1,
+            key_serializer="json",
             value_serializer="json",
         )
         self.breaker_topic = app.topic(
             f"{settings.kafka_group_id}-circuit-breaker",
             internal=True,
             partitions=1,
+            key_serializer="json",
             value_serializer="json",
         )
-        self.lag_table = app.GlobalTable("consumer-lag", default=None, partitions=1)
-        self.breaker_table = app.GlobalTable("circuit-breaker", default=None, partitions=1)
+        self.lag_table = app.GlobalTable(
+            "consumer-lag",
+            default=None,
+            partitions=1,
+            key_serializer="json",
+            value_serializer="json",
+        )
+        self.breaker_table = app.GlobalTable(
+            "circuit-breaker",
+            default=None,
+            partitions=1,
+            key_serializer="json",
+            value_serializer="json",
+        )
 
         @app.agent(self.lag_topic, name="consumer-lag")
         async def record_lag(stream: faust.StreamT) -> None:

@@ -83,7 +83,8 @@ async def store_events(
             "id": envelope.id,
             "type": envelope.type,
             "aggregate_id": envelope.aggregate_id,
-            "occurred_at": envelope.occurred_at,
+            # UTC, as every other timestamp: SQLite keeps no offset, only the wall time.
+            "occurred_at": envelope.occurred_at.astimezone(UTC),
             "schema_version": envelope.schema_version,
             "data": envelope.data,
         }

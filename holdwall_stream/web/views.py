@@ -65,7 +65,11 @@ def register_views(
     @app.page("/api/health")
     class HealthView(View):
         async def get(self, request: Request) -> Response:
-            report = await build_report(settings, runtime.relay, runtime.breaker, consumer_state())
+            try:
+                consumer = consumer_state()
+            except Exception as exc:  # health must answer, whatever part is broken
+                consumer = {"status": "error", "error": f"{type(exc).__name__}: {exc}"[:500]}
+            report = await build_report(settings, runtime.relay, runtime.breaker, consumer)
             return self.json(report.body, status=report.http_status)
 
     @app.page("/api/metrics")
