@@ -50,20 +50,10 @@ class WorkerState:
             key_serializer="json",
             value_serializer="json",
         )
-        self.lag_table = app.GlobalTable(
-            "consumer-lag",
-            default=None,
-            partitions=1,
-            key_serializer="json",
-            value_serializer="json",
-        )
-        self.breaker_table = app.GlobalTable(
-            "circuit-breaker",
-            default=None,
-            partitions=1,
-            key_serializer="json",
-            value_serializer="json",
-        )
+        # Tables take no serializer arguments (Service.__init__ rejects them); with no
+        # key_type/value_type their changelog keys and values are JSON already.
+        self.lag_table = app.GlobalTable("consumer-lag", default=None, partitions=1)
+        self.breaker_table = app.GlobalTable("circuit-breaker", default=None, partitions=1)
 
         @app.agent(self.lag_topic, name="consumer-lag")
         async def record_lag(stream: faust.StreamT) -> None:
