@@ -48,8 +48,10 @@ class HoldwallApp(faust.App):
     runtime: Runtime
 
     async def on_first_start(self) -> None:
-        await super().on_first_start()
         settings = self.runtime.settings
+        # Faust creates only the last level of the data directory.
+        settings.faust_data_dir.mkdir(parents=True, exist_ok=True)
+        await super().on_first_start()
         await init_schema(self.runtime.engine)
         if not settings.kafka_enabled:
             return
