@@ -119,7 +119,6 @@ class Settings(BaseSettings):
     web_port: int = Field(3000, ge=1, le=65535)
     faust_data_dir: Path = Path("./holdwall-data")
     rocksdb_block_cache_mb: int = Field(8, ge=1, le=4096)
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     outbox_poll_interval_ms: PositiveMs = 500
     outbox_batch_size: int = Field(1000, ge=1, le=100_000)

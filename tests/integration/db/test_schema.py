@@ -1,0 +1,150 @@
+"""The schema on real PostgreSQL and SQLite: idempotent, safe under concurrent starts, and
+tables/*.sql builds exactly what the models build."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import inspect
+from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from holdwall_stream.db.engine import create_engine
+from holdwall_stream.db.models import Base
+from holdwall_stream.db.schema import DDL_FILES, TABLES_DIR, init_schema
+from holdwall_stream.settings import load_settings
+from tests.conftest import _create_database, _drop_database
+
+
+def _engine(database_url: str) -> AsyncEngine:
+    return create_engine(load_settings(database_url=database_url))
+
+
+@pytest.fixture
+async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
+    engine = _engine(database_url)
+    try:
+        yield engine
+    finally:
+        await engine.dispose()
+
+
+@pytest.fixture
+def other_database_url(database_url: str, tmp_path: Path) -> Iterator[str]:
+    """A second empty database of the same dialect as ``database_url``."""
+    if database_url.startswith("sqlite"):
+        yield f"sqlite:///{tmp_path}/other.db"
+        return
+    admin = make_url(database_url).set(database="postgres")
+    database = _create_database(admin)
+    try:
+        yield database.render_as_string(hide_password=False)
+    finally:
+        _drop_database(admin, database)
+
+
+def _describe(connection: Connection) -> dict[str, Any]:
+    """Tables, columns (type, nullability, default), keys and indexes, as reflected."""
+    inspector = inspect(connection)
+    schema: dict[str, Any] = {}
+    for table in sorted(inspector.get_table_names()):
+        columns = {
+            column["name"]: (str(column["type"]), column["nullable"], column.get("default"))
+            for column in inspector.get_columns(table)
+        }
+        indexes = {
+            index["name"]: (tuple(index["column_names"]), bool(index["unique"]))
+            for index in inspector.get_indexes(table)
+            if not index.get("duplicates_constraint")
+        }
+        unique = sorted(
+            tuple(constraint["column_names"])
+            for constraint in inspector.get_unique_constraints(table)
+        )
+        primary_key = tuple(inspector.get_pk_constraint(table)["constrained_columns"])
+        schema[table] = {
+            "columns": columns,
+            "primary_key": primary_key,
+            "indexes": indexes,
+            "unique": unique,
+        }
+    return schema
+
+
+async def _schema_of(engine: AsyncEngine) -> dict[str, Any]:
+    async with engine.connect() as connection:
+        return await connection.run_sync(_describe)
+
+
+def _model_tables() -> dict[str, Any]:
+    return {
+        name: {
+            "columns": sorted(column.name for column in table.columns),
+            "primary_key": tuple(column.name for column in table.primary_key.columns),
+            "indexes": sorted(index.name or "" for index in table.indexes),
+        }
+        for name, table in Base.metadata.tables.items()
+    }
+
+
+def _as_model_view(schema: dict[str, Any]) -> dict[str, Any]:
+    return {
+        name: {
+            "columns": sorted(table["columns"]),
+            "primary_key": table["primary_key"],
+            "indexes": sorted(table["indexes"]),
+        }
+        for name, table in schema.items()
+    }
+
+
+def _statements(dialect: str) -> list[str]:
+    text = (TABLES_DIR / DDL_FILES[dialect]).read_text()
+    body = "\n".join(line for line in text.splitlines() if not line.startswith("--"))
+    return [statement.strip() for statement in body.split(";\n") if statement.strip()]
+
+
+async def test_init_schema_is_idempotent(engine: AsyncEngine) -> None:
+    await init_schema(engine)
+    first = await _schema_of(engine)
+    await init_schema(engine)
+    assert await _schema_of(engine) == first
+    assert _as_model_view(first) == _model_tables()
+
+
+async def test_concurrent_init_schema_on_postgresql(pg_admin_url: str) -> None:
+    admin = make_url(pg_admin_url)
+    database = _create_database(admin)
+    engines = [_engine(database.render_as_string(hide_password=False)) for _ in range(3)]
+    try:
+        for _ in range(2):  # on an empty database, then on a complete one
+            await asyncio.gather(*(init_schema(engine) for engine in engines))
+            assert set((await _schema_of(engines[0])).keys()) == set(Base.metadata.tables)
+    finally:
+        await asyncio.gather(*(engine.dispose() for engine in engines))
+        _drop_database(admin, database)
+
+
+async def test_tables_sql_executes_and_matches_the_models(
+    engine: AsyncEngine, other_database_url: str
+) -> None:
+    dialect = engine.dialect.name
+    async with engine.begin() as connection:
+        for statement in _statements(dialect):
+            await connection.exec_driver_sql(statement)
+    from_ddl = await _schema_of(engine)
+    assert _as_model_view(from_ddl) == _model_tables()
+
+    reference = _engine(other_database_url)
+    try:
+        await init_schema(reference)
+        assert from_ddl == await _schema_of(reference), "tables/*.sql differs from init_schema"
+    finally:
+        await reference.dispose()
+
+    await init_schema(engine)  # a worker starting on a schema made from tables/*.sql
+    assert await _schema_of(engine) == from_ddl
