@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, DateTime, Integer, LargeBinary, Uuid, bindparam, text
+from sqlalchemy import JSON, BigInteger, Integer, LargeBinary, Uuid, bindparam, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from holdwall_stream.db.models import RelayLock
+from holdwall_stream.db.models import RelayLock, Timestamp
 
 _UNPUBLISHED = "published = false AND dead_lettered_at IS NULL"
 
@@ -49,7 +49,7 @@ _SQLITE_CLAIM = text(
     RETURNING id, event_id, key, payload, headers, attempts
     """
 )
-_TIMESTAMP = DateTime(timezone=True)
+_TIMESTAMP = Timestamp
 _ROW_TYPES = {
     "id": BigInteger,
     "event_id": Uuid,

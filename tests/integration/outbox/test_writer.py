@@ -202,9 +202,7 @@ async def test_outbox_row_is_what_kafka_clients_expect(engine: AsyncEngine) -> N
         stored_event = stored_events[event_id]
         assert (stored_event.type, stored_event.aggregate_id) == (event.type, event.aggregate_id)
         assert stored_event.data == event.data
-        # SQLite has no time zones: the column holds UTC and reads back naive.
+        # SQLite keeps no offset: the column holds UTC and reads back aware, in UTC.
         stored_at = stored_event.occurred_at
-        if engine.dialect.name == "sqlite":
-            assert stored_at.tzinfo is None
-            stored_at = stored_at.replace(tzinfo=UTC)
+        assert stored_at.utcoffset() is not None
         assert stored_at == envelope.occurred_at, "events.occurred_at must keep the instant"
