@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import logging
 import sys
 from collections.abc import Iterable
@@ -22,6 +24,7 @@ from holdwall_stream.observability.state_tables import WorkerState
 from holdwall_stream.outbox.service import RelayService
 from holdwall_stream.pipeline.consumer import PipelineConsumer, pipeline_group_id
 from holdwall_stream.pipeline.dlq import DlqMessage, store_dead_letters
+from holdwall_stream.resilience.backoff import backoff_delay
 from holdwall_stream.runtime import Runtime
 from holdwall_stream.settings import Settings, load_settings
 from holdwall_stream.verify import validate_or_raise
@@ -30,6 +33,8 @@ from holdwall_stream.web.views import register_views
 log = logging.getLogger(__name__)
 DLQ_BATCH = 1000
 DLQ_BATCH_WITHIN_S = 0.05
+DLQ_RETRY_BASE_S = 0.5
+DLQ_RETRY_MAX_S = 30.0
 
 
 class KafkaOffBootStrategy(BootStrategy):
@@ -98,6 +103,11 @@ def create_app(settings: Settings) -> HoldwallApp:
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
         store="rocksdb://",
+        # Faust refuses to recover a table whose RocksDB offset is past the changelog's
+        # reported end; Tansu reports an end that can trail the true one (start of the last
+        # batch + 1), so a restarted worker crashed with ConsistencyError instead of serving
+        # its restored lag table. The tables hold observability state only.
+        recovery_consistency_check=False,
         rocksdb_options={"block_cache_size": block_cache, "write_buffer_size": block_cache},
         datadir=str(settings.faust_data_dir),
         topic_partitions=settings.kafka_partitions,
@@ -155,13 +165,36 @@ def create_app(settings: Settings) -> HoldwallApp:
     @app.agent(dlq_topic, name="dead-letters")
     async def keep_dead_letters(stream: faust.StreamT) -> None:
         async for events in stream.take_events(DLQ_BATCH, within=DLQ_BATCH_WITHIN_S):
-            stored = await store_dead_letters(
-                runtime.engine, [_dlq_message(event) for event in events]
-            )
+            stored = await _store_until_done(runtime, [_dlq_message(event) for event in events])
             runtime.metrics.dlq_stored.inc(stored)
 
     register_views(app, runtime, consumer_state)
     return app
+
+
+async def _store_until_done(runtime: Runtime, messages: list[DlqMessage]) -> int:
+    """Stores a batch of dead letters, retrying while the database fails.
+
+    An exception escaping the agent would crash it, and Faust may then acknowledge the
+    batch it held: dead letters missing from the table. Storing is idempotent (keyed by DLQ
+    position), so retrying is safe; the batch stays in the topic until it is stored.
+    """
+    for attempt in itertools.count(1):
+        try:
+            return await store_dead_letters(runtime.engine, messages)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            delay = backoff_delay(attempt, DLQ_RETRY_BASE_S, DLQ_RETRY_MAX_S)
+            log.error(
+                "Storing %d dead letter(s) failed (attempt %d), retrying in %.1fs: %r",
+                len(messages),
+                attempt,
+                delay,
+                exc,
+            )
+            await asyncio.sleep(delay)
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _dlq_message(event: faust.EventT) -> DlqMessage:

@@ -14,11 +14,14 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Collection
+from collections.abc import AsyncIterator, Collection
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 
-from aiokafka.errors import KafkaConnectionError, KafkaError
-from sqlalchemy.ext.asyncio import AsyncEngine
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaConnectionError, KafkaError, MessageSizeTooLargeError
+from aiokafka.producer.message_accumulator import BatchBuilder
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from holdwall_stream.errors import CircuitOpenError
 from holdwall_stream.messaging.dead_letter import DeadLetterInfo
@@ -33,6 +36,15 @@ from holdwall_stream.settings import Settings
 log = logging.getLogger(__name__)
 
 RATE_WINDOW_S = 60.0
+# How long one drain() pass keeps taking batches from a partition with a backlog before it
+# returns (and the caller re-reads which partitions it owns).
+DRAIN_BUDGET_S = 1.0
+# One relay transaction keeps claiming while claims find rows, up to this many claims of
+# OUTBOX_BATCH_SIZE and for up to this long: each claim overlaps the previous batch's
+# produce, and rows committed meanwhile are picked up without a new transaction. (Relay
+# transactions do not hold back other relays' claims: see store.PG_CLAIM.)
+CLAIMS_PER_TRANSACTION = 8
+TRANSACTION_BUDGET_S = 0.25
 
 
 class OutboxRelay:
@@ -50,6 +62,10 @@ class OutboxRelay:
         self._breaker = breaker
         self._metrics = metrics
         self._parallel = engine.dialect.name == "postgresql"
+        # SQLite has one writer at a time: its partitions are relayed one after the other.
+        self._one_writer = asyncio.Lock()
+        self._held: dict[int, _HeldConnection] = {}
+        self._held_back: set[int] = set()
         self._failures: dict[int, int] = {}
         self._retry_at: dict[int, float] = {}
         self._published_log: deque[tuple[float, int]] = deque()
@@ -64,15 +80,57 @@ class OutboxRelay:
         async with self._engine.begin() as connection:
             await store.ensure_relay_locks(connection, self._settings.kafka_partitions)
 
+    def held_back(self, partition: int) -> bool:
+        """Whether the partition's last claim left committed rows behind because older
+        transactions were still running (PostgreSQL): look again soon, nothing will
+        NOTIFY when those transactions end."""
+        return partition in self._held_back
+
+    @asynccontextmanager
+    async def holding_connection(self, partition: int) -> AsyncIterator[None]:
+        """Inside, the partition's batches reuse one database connection (no pool checkout
+        and liveness ping per batch); it goes back to the pool at the end, or is dropped
+        after a failed batch. Re-entrant."""
+        if partition in self._held:
+            yield
+            return
+        held = self._held[partition] = _HeldConnection(self._engine)
+        try:
+            yield
+        finally:
+            del self._held[partition]
+            await held.close()
+
     async def drain(self, partitions: Collection[int]) -> bool:
-        """Relays what is waiting in ``partitions``; True if a partition has more right now."""
-        if self._parallel:
-            more = await asyncio.gather(*(self._drain_partition(p) for p in partitions))
-            return any(more)
-        more_any = False
-        for partition in partitions:
-            more_any |= await self._drain_partition(partition)
-        return more_any
+        """Relays what is waiting in ``partitions``; True if a partition has more right now.
+
+        On PostgreSQL the partitions are drained concurrently, each on its own connection
+        and each batch after batch for up to DRAIN_BUDGET_S, so one partition's Kafka round
+        trip overlaps another's claim. SQLite has one writer: one batch per partition, and
+        concurrent calls take turns.
+        """
+        if not self._parallel:
+            more_any = False
+            for partition in partitions:
+                async with self._one_writer:
+                    more_any |= await self._drain_partition(partition)
+            return more_any
+        deadline = time.monotonic() + DRAIN_BUDGET_S
+        results = await asyncio.gather(
+            *(self._drain_partition_until(p, deadline) for p in partitions),
+            return_exceptions=True,
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return any(results)
+
+    async def _drain_partition_until(self, partition: int, deadline: float) -> bool:
+        async with self.holding_connection(partition):
+            while await self._drain_partition(partition):
+                if time.monotonic() >= deadline:
+                    return True
+            return False
 
     async def _drain_partition(self, partition: int) -> bool:
         if time.monotonic() < self._retry_at.get(partition, 0.0):
@@ -90,49 +148,61 @@ class OutboxRelay:
         return published >= self._settings.outbox_batch_size
 
     async def _relay_batch(self, partition: int) -> int:
+        """One transaction: claim while claims find rows (up to CLAIMS_PER_TRANSACTION, for
+        up to TRANSACTION_BUDGET_S), produce, commit.
+
+        Returns the rows the last claim took (a full batch means there may be more). Each
+        claim runs while the previous record batch is on its way to the broker, so the
+        database and Kafka round trips overlap; one record batch of the partition is in
+        flight at a time, and the transaction commits only once every one was acked.
+        """
         producer = await self._producer.get()
+        limit = self._settings.outbox_batch_size
         claimed: list[ClaimedRow] = []
+        last_claim = 0
+        sent = 0
+        held = self._held.get(partition)
         try:
-            async with self._engine.connect() as connection, connection.begin():
-                rows = await store.claim_batch(
-                    connection, partition, self._settings.outbox_batch_size
+            async with (
+                held.use() if held else self._engine.connect() as connection,
+                connection.begin(),
+            ):
+                sender = _PartitionSender(
+                    producer,
+                    self._settings.kafka_events_topic,
+                    partition,
+                    self._settings.kafka_request_timeout / 1000,
                 )
-                if not rows:
-                    return 0
-                claimed = rows
-                sendable = await self._dead_letter_oversized(connection, partition, rows)
                 started = time.perf_counter()
-                futures = []
-                batch = producer.create_batch()
-                for row in sendable:
-                    headers = row.kafka_headers()
-                    while (
-                        batch.append(
-                            key=row.key, value=row.payload, timestamp=None, headers=headers
-                        )
-                        is None
-                    ):
-                        futures.append(await self._send(producer, batch, partition))
-                        batch = producer.create_batch()
-                if batch.record_count():
-                    futures.append(await self._send(producer, batch, partition))
-                await asyncio.wait_for(
-                    asyncio.gather(*futures), self._settings.kafka_request_timeout / 1000
-                )
+                deadline = time.monotonic() + TRANSACTION_BUDGET_S
+                # SQLite: one claim per transaction, as its write lock stalls every writer.
+                for _ in range(CLAIMS_PER_TRANSACTION if self._parallel else 1):
+                    after = claimed[-1].id if claimed else 0
+                    rows = await store.claim_batch(connection, partition, limit, after)
+                    if rows.held_back:
+                        self._held_back.add(partition)
+                    else:
+                        self._held_back.discard(partition)
+                    last_claim = len(rows)
+                    if not rows:  # nothing (more) to send, or another worker holds it
+                        break
+                    claimed.extend(rows)
+                    sendable = await self._dead_letter_oversized(connection, partition, rows)
+                    await sender.send(sendable)
+                    sent += len(sendable)
+                    if time.monotonic() >= deadline:
+                        break
+                if not claimed:
+                    return 0
+                await sender.finish()
                 self._metrics.outbox_publish_latency.observe(time.perf_counter() - started)
         except Exception as exc:
             if claimed:
                 await self._record_failure(claimed, f"{type(exc).__name__}: {exc}")
             raise
-        self._note_published(len(sendable))
+        self._note_published(sent)
         self._metrics.outbox_batch_size.observe(len(claimed))
-        return len(claimed)
-
-    async def _send(self, producer, batch, partition: int) -> asyncio.Future:  # type: ignore[no-untyped-def]
-        batch.close()
-        return await producer.send_batch(
-            batch, self._settings.kafka_events_topic, partition=partition
-        )
+        return last_claim
 
     async def _dead_letter_oversized(
         self,
@@ -144,7 +214,7 @@ class OutboxRelay:
         limit = self._settings.kafka_max_message_bytes
         sendable = []
         for row in rows:
-            if row.size <= limit:
+            if row.fits(limit):
                 sendable.append(row)
                 continue
             reason = f"message of {row.size} bytes exceeds KAFKA_MAX_MESSAGE_BYTES={limit}"
@@ -157,7 +227,7 @@ class OutboxRelay:
                 attempts=row.attempts + 1,
                 first_failure_at=now,
                 last_failure_at=now,
-                event_id=str(row.event_id),
+                event_id=row.event_id,
                 original_topic=self._settings.kafka_events_topic,
                 original_partition=partition,
             )
@@ -239,6 +309,81 @@ class OutboxRelay:
             if count < self._settings.outbox_retention_batch:
                 return deleted
             await asyncio.sleep(0)
+
+
+class _HeldConnection:
+    """A connection kept across a partition's batches; replaced after any failure."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self._connection: AsyncConnection | None = None
+
+    @asynccontextmanager
+    async def use(self) -> AsyncIterator[AsyncConnection]:
+        if self._connection is None or self._connection.closed:
+            self._connection = await self._engine.connect()
+        try:
+            yield self._connection
+        except BaseException:
+            await self.close()  # its state is unknown: never reuse it
+            raise
+
+    async def close(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            try:
+                await connection.close()
+            except Exception:
+                log.debug("Closing a relay connection failed", exc_info=True)
+
+
+class _PartitionSender:
+    """Sends rows in order as record batches to one partition, one batch in flight.
+
+    Before a record batch is handed to the producer, the previous one must have been
+    acknowledged: were an earlier batch to fail (its delivery timed out) while a later one
+    was already queued, the later one would land on the topic ahead of the earlier rows'
+    retry. The caller overlaps the wait with its next claim instead.
+    """
+
+    def __init__(
+        self, producer: AIOKafkaProducer, topic: str, partition: int, timeout_s: float
+    ) -> None:
+        self._producer = producer
+        self._topic = topic
+        self._partition = partition
+        self._timeout_s = timeout_s
+        self._in_flight: asyncio.Future[object] | None = None
+
+    async def send(self, rows: list[ClaimedRow]) -> None:
+        batch = self._producer.create_batch()
+        for row in rows:
+            headers = row.kafka_headers()
+            while (
+                batch.append(key=row.key, value=row.payload, timestamp=None, headers=headers)
+                is None
+            ):
+                if not batch.record_count():
+                    raise MessageSizeTooLargeError(
+                        f"outbox row {row.id} does not fit in an empty record batch"
+                    )
+                await self._enqueue(batch)
+                batch = self._producer.create_batch()
+        if batch.record_count():
+            await self._enqueue(batch)
+
+    async def _enqueue(self, batch: BatchBuilder) -> None:
+        await self.finish()
+        batch.close()
+        self._in_flight = await self._producer.send_batch(
+            batch, self._topic, partition=self._partition
+        )
+
+    async def finish(self) -> None:
+        """Waits until the batch in flight (if any) is acknowledged; raises if it failed."""
+        if self._in_flight is not None:
+            in_flight, self._in_flight = self._in_flight, None
+            await asyncio.wait_for(in_flight, self._timeout_s)
 
 
 def _is_connection_error(exc: BaseException) -> bool:

@@ -14,15 +14,21 @@ from holdwall_stream.settings import Settings
 
 log = logging.getLogger(__name__)
 BACKLOG_REFRESH_S = 2.0
+# Rows held back by an older transaction are looked at again after this long, doubling
+# while they stay held back, up to the poll interval.
+HELD_BACK_RECHECK_S = 0.005
 RETENTION_INTERVAL_S = 60.0
 
 
 class RelayService(Service):
     """Drains the partitions this worker owns whenever woken.
 
-    ``owned_partitions`` follows Faust's assignment of the events topic, so workers split
-    the outbox the way they split the topic; the relay's per-partition lock makes a
-    moment of double ownership during a rebalance harmless.
+    ``owned_partitions`` follows the pipeline consumer's assignment of the events topic, so
+    workers split the outbox the way they split the topic; the relay's per-partition lock
+    makes a moment of double ownership during a rebalance harmless.
+
+    Each partition drains in a task of its own: a partition with a backlog, or one whose
+    batch waits on a slow or unreachable broker, never holds up the others' new rows.
     """
 
     def __init__(
@@ -37,8 +43,18 @@ class RelayService(Service):
         self._relay = relay
         self._owned_partitions = owned_partitions
         self._wakeup = asyncio.Event()
+        self._draining: dict[int, asyncio.Task[None]] = {}
+        self._again: set[int] = set()
+        self._wake_all = False
+        self._wanted: set[int] = set()
+        self._rechecks: dict[int, int] = {}  # partition -> consecutive held-back rounds
 
-    def wake(self) -> None:
+    def wake(self, partitions: Collection[int] | None = None) -> None:
+        """Drains ``partitions`` (all owned ones if None) as soon as possible."""
+        if partitions is None:
+            self._wake_all = True
+        else:
+            self._wanted.update(partitions)
         self._wakeup.set()
 
     async def on_start(self) -> None:
@@ -46,19 +62,64 @@ class RelayService(Service):
         if self._settings.database_dialect == "postgresql":
             self.add_future(listen_for_outbox_writes(self._settings.async_database_url, self.wake))
 
+    async def on_stop(self) -> None:
+        """Lets batches in flight finish (their rows are re-sent if cut short), then stops."""
+        tasks = list(self._draining.values())
+        if tasks:
+            _done, pending = await asyncio.wait(
+                tasks, timeout=self._settings.kafka_request_timeout / 1000
+            )
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
     @Service.task
     async def _drain_loop(self) -> None:
         while not self.should_stop:
             await self._wakeup.wait()
             self._wakeup.clear()
-            partitions = sorted(self._owned_partitions())
-            if not partitions:
-                continue
-            try:
-                if await self._relay.drain(partitions):
-                    self.wake()
-            except Exception:
-                log.exception("Outbox relay pass failed; the next poll retries")
+            owned = set(self._owned_partitions())
+            woken = owned if self._wake_all else owned & self._wanted
+            self._wake_all = False
+            self._wanted.clear()
+            for partition in sorted(woken):
+                if partition in self._draining:
+                    self._again.add(partition)  # its task takes another round
+                else:
+                    self._draining[partition] = asyncio.create_task(
+                        self._drain_partition(partition), name=f"relay-partition-{partition}"
+                    )
+
+    async def _drain_partition(self, partition: int) -> None:
+        try:
+            async with self._relay.holding_connection(partition):
+                while not self.should_stop:
+                    self._again.discard(partition)
+                    try:
+                        more = await self._relay.drain([partition])
+                    except Exception:
+                        log.exception("Outbox relay pass failed; the next poll retries")
+                        more = False
+                    if not (more or partition in self._again):
+                        return
+                    if partition not in self._owned_partitions():
+                        return
+        finally:
+            self._draining.pop(partition, None)
+            self._again.discard(partition)
+            self._schedule_recheck(partition)
+
+    def _schedule_recheck(self, partition: int) -> None:
+        if self.should_stop or not self._relay.held_back(partition):
+            self._rechecks.pop(partition, None)
+            return
+        rounds = self._rechecks.get(partition, 0)
+        self._rechecks[partition] = rounds + 1
+        delay = min(
+            HELD_BACK_RECHECK_S * 2 ** min(rounds, 20),
+            self._settings.outbox_poll_interval_ms / 1000,
+        )
+        asyncio.get_running_loop().call_later(delay, self.wake, [partition])
 
     @Service.timer(BACKLOG_REFRESH_S)
     async def _refresh_backlog(self) -> None:

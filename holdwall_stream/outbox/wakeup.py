@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import psycopg
 from sqlalchemy.engine import make_url
@@ -19,17 +19,30 @@ def libpq_url(async_url: str) -> str:
     return make_url(async_url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
-async def listen_for_outbox_writes(async_url: str, wake: Callable[[], None]) -> None:
-    """Calls ``wake`` on every notification; reconnects forever (polling covers the gaps)."""
+def partitions_of(payload: str) -> set[int] | None:
+    """The partitions a notification names ("0,2"); None (all) if it names none or is
+    not understood, so a foreign or older writer's plain NOTIFY still wakes everything."""
+    try:
+        partitions = {int(part) for part in payload.split(",") if part.strip()}
+    except ValueError:
+        return None
+    return partitions or None
+
+
+async def listen_for_outbox_writes(
+    async_url: str, wake: Callable[[Collection[int] | None], None]
+) -> None:
+    """Calls ``wake`` on every notification with the partitions it names (None: all);
+    reconnects forever (polling covers the gaps)."""
     while True:
         try:
             async with await psycopg.AsyncConnection.connect(
                 libpq_url(async_url), autocommit=True
             ) as connection:
                 await connection.execute(f"LISTEN {OUTBOX_CHANNEL}")
-                wake()  # anything written while we were not listening
-                async for _notification in connection.notifies():
-                    wake()
+                wake(None)  # anything written while we were not listening
+                async for notification in connection.notifies():
+                    wake(partitions_of(notification.payload))
         except asyncio.CancelledError:
             raise
         except Exception as exc:

@@ -100,12 +100,18 @@ async def store_events(
     )
     fresh = [envelope for envelope in unique if envelope.id in inserted]
     if fresh:
+        outbox_rows = [_outbox_row(envelope, target) for envelope in fresh]
         await session.execute(
-            insert(Outbox).on_conflict_do_nothing(index_elements=["event_id"]),
-            [_outbox_row(envelope, target) for envelope in fresh],
+            insert(Outbox).on_conflict_do_nothing(index_elements=["event_id"]), outbox_rows
         )
         if dialect == "postgresql":
-            await session.execute(text(f"NOTIFY {OUTBOX_CHANNEL}"))
+            # Delivered at commit; the payload names the partitions, so the relay wakes
+            # only those (an empty payload would wake them all).
+            partitions = ",".join(str(p) for p in sorted({row["partition"] for row in outbox_rows}))
+            await session.execute(
+                text("SELECT pg_notify(:channel, :partitions)"),
+                {"channel": OUTBOX_CHANNEL, "partitions": partitions},
+            )
     ids = [envelope.id for envelope in envelopes]
     # Each id stored now counts once; any other occurrence (already stored, or repeated
     # within this batch) was not stored and is a duplicate.

@@ -11,26 +11,31 @@ the agents where its per-message path is cheap enough: dead letters, lag, breake
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 from mode import Service
 
 from holdwall_stream.messaging.client import kafka_client_options
 from holdwall_stream.observability.metrics import Metrics
-from holdwall_stream.pipeline.processor import EventProcessor, IncomingMessage
+from holdwall_stream.pipeline.processor import EventProcessor, PreparedBatch
 from holdwall_stream.settings import Settings
 
 log = logging.getLogger(__name__)
 
-FETCH_MAX_RECORDS = 5000
+FETCH_MAX_RECORDS = 10000
 FETCH_TIMEOUT_MS = 200
 # Tansu holds an empty fetch for the whole wait; keep it short so new events flow fast.
 FETCH_MAX_WAIT_MS = 50
+# Messages parsed between two yields to the event loop (about 5 ms of parsing).
+PREPARE_SLICE = 1000
+# Per partition per fetch: a whole FETCH_MAX_RECORDS batch of ~300-byte events fits.
+MAX_PARTITION_FETCH_BYTES = 4 * 1024 * 1024
 
 
 def pipeline_group_id(settings: Settings) -> str:
@@ -58,14 +63,25 @@ class _FinishBatchBeforeRevoke(ConsumerRebalanceListener):
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         async with self._consumer.batch_lock:
+            await self._consumer.settle(rewind=False)
             log.info("Pipeline partitions revoked: %s", sorted(tp.partition for tp in revoked))
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         log.info("Pipeline partitions assigned: %s", sorted(tp.partition for tp in assigned))
+        # Another worker may have committed these partitions since this one last held them.
+        self._consumer.forget_committed()
         self._consumer.on_assignment()
 
 
+Batches = dict[TopicPartition, list[ConsumerRecord]]  # type: ignore[type-arg]
+
+
 class PipelineConsumer(Service):
+    """Fetch, parse and apply overlap: while batch N's transaction runs in the database,
+    batch N+1 is fetched and parsed. Batches are applied one at a time, in fetch order, and
+    each one's offsets are committed after its effects, so order per key holds and a crash
+    redelivers (deduplicated) what was not committed."""
+
     def __init__(
         self,
         settings: Settings,
@@ -82,6 +98,10 @@ class PipelineConsumer(Service):
         self.batch_lock = asyncio.Lock()
         self._consumer: AIOKafkaConsumer | None = None
         self._committed: dict[TopicPartition, int] = {}
+        self._fetched_end: dict[TopicPartition, int] = {}
+        # Fetched but not yet committed, oldest first: where to rewind to after a failure.
+        self._uncommitted: list[Batches] = []
+        self._in_flight: asyncio.Future[None] | None = None
         self.events_consumed = 0
         self.last_batch_at: float | None = None
 
@@ -91,6 +111,10 @@ class PipelineConsumer(Service):
         return {tp.partition for tp in self._consumer.assignment()}
 
     async def on_start(self) -> None:
+        # The worker's start-up objects (modules, app, clients) live as long as the process:
+        # moved out of the collector's reach, full collections no longer walk them, which
+        # halves the cost of parsing a batch (its envelopes trigger collections).
+        gc.freeze()
         session_ms = self._settings.kafka_session_timeout
         options = kafka_client_options(self._settings)
         options["client_id"] = f"{self._settings.kafka_group_id}-pipeline"
@@ -101,6 +125,7 @@ class PipelineConsumer(Service):
             auto_offset_reset="earliest",
             max_poll_records=FETCH_MAX_RECORDS,
             fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
+            max_partition_fetch_bytes=MAX_PARTITION_FETCH_BYTES,
             session_timeout_ms=session_ms,
             heartbeat_interval_ms=max(100, session_ms // 3),
             rebalance_timeout_ms=max(session_ms, 30_000),
@@ -114,6 +139,7 @@ class PipelineConsumer(Service):
     async def on_stop(self) -> None:
         if self._consumer is not None:
             async with self.batch_lock:
+                await self.settle(rewind=False)
                 consumer, self._consumer = self._consumer, None
             await consumer.stop()
 
@@ -129,46 +155,92 @@ class PipelineConsumer(Service):
                     timeout_ms=FETCH_TIMEOUT_MS, max_records=FETCH_MAX_RECORDS
                 )
                 if fetched:
-                    await self._process(consumer, fetched)
+                    await self._submit(consumer, fetched)
+                elif self._in_flight is not None:
+                    async with self.batch_lock:
+                        await self._finish_in_flight()
             except asyncio.CancelledError:
                 raise
-            except KafkaError as exc:
-                self._metrics.kafka_connection_errors.inc()
-                log.warning("Kafka connection error in the pipeline consumer: %r", exc)
-                await asyncio.sleep(1.0)
-            except Exception:
-                # The batch is not committed: it is fetched again and deduplicated by id.
-                log.exception("Pipeline batch failed; it will be redelivered")
+            except Exception as exc:
+                async with self.batch_lock:
+                    await self.settle(rewind=True)
+                if isinstance(exc, KafkaError):
+                    self._metrics.kafka_connection_errors.inc()
+                    log.warning("Kafka connection error in the pipeline consumer: %r", exc)
+                else:
+                    # Not committed: fetched again and deduplicated by id.
+                    log.error("Pipeline batch failed; it will be redelivered", exc_info=exc)
                 await asyncio.sleep(1.0)
 
-    async def _process(self, consumer: AIOKafkaConsumer, fetched: dict) -> None:  # type: ignore[type-arg]
+    async def _submit(self, consumer: AIOKafkaConsumer, fetched: Batches) -> None:
         async with self.batch_lock:
             owned = consumer.assignment()
-            batches = {tp: records for tp, records in fetched.items() if tp in owned}
+            batches = {tp: records for tp, records in fetched.items() if tp in owned and records}
             if not batches:
                 return
-            messages = [
-                IncomingMessage(
-                    topic=record.topic,
-                    partition=record.partition,
-                    offset=record.offset,
-                    key=record.key,
-                    value=record.value,
-                    headers=list(record.headers or ()),
-                )
-                for records in batches.values()
-                for record in records
-            ]
-            await self._processor.process(messages)
-            offsets = {tp: records[-1].offset + 1 for tp, records in batches.items()}
-            try:
-                await consumer.commit(offsets)
-            except CommitFailedError as exc:
-                log.warning("Pipeline offset commit lost to a rebalance (%s); deduped later", exc)
-                return
+            self._uncommitted.append(batches)
+            for tp, records in batches.items():
+                self._fetched_end[tp] = records[-1].offset + 1
+            # ConsumerRecords go to the processor as they are: no per-message copy.
+            messages = [record for records in batches.values() for record in records]
+            prepared = PreparedBatch()
+            for start in range(0, len(messages), PREPARE_SLICE):
+                self._processor.prepare(messages[start : start + PREPARE_SLICE], into=prepared)
+                # Parsing is CPU work on the loop: let the batch in flight read its
+                # database answers and commit meanwhile, so the database is not kept idle.
+                await asyncio.sleep(0)
+            await self._finish_in_flight()
+            self._in_flight = asyncio.ensure_future(self._apply(consumer, prepared, batches))
+
+    async def _apply(
+        self, consumer: AIOKafkaConsumer, prepared: PreparedBatch, batches: Batches
+    ) -> None:
+        await self._processor.apply(prepared)
+        offsets = {tp: records[-1].offset + 1 for tp, records in batches.items()}
+        try:
+            await consumer.commit(offsets)
+        except CommitFailedError as exc:
+            log.warning("Pipeline offset commit lost to a rebalance (%s); deduped later", exc)
+        else:
             self._committed.update(offsets)
-            self.events_consumed += len(messages)
-            self.last_batch_at = time.monotonic()
+        self._uncommitted = [b for b in self._uncommitted if b is not batches]
+        self.events_consumed += len(prepared)
+        self.last_batch_at = time.monotonic()
+
+    async def _finish_in_flight(self) -> None:
+        """Waits for the batch being applied; raises what it raised."""
+        in_flight, self._in_flight = self._in_flight, None
+        if in_flight is not None:
+            await in_flight
+
+    async def settle(self, *, rewind: bool) -> None:
+        """Lets the batch in flight finish (a failure is logged), then forgets the batches
+        fetched but not committed; with ``rewind``, seeks back to the first of them, since
+        getmany has moved past them and the next commit would skip them otherwise. Called
+        with ``batch_lock`` held."""
+        try:
+            await self._finish_in_flight()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.error("Pipeline batch failed; it will be redelivered", exc_info=exc)
+        uncommitted, self._uncommitted = self._uncommitted, []
+        consumer = self._consumer
+        if not rewind or consumer is None:
+            return
+        owned = consumer.assignment()
+        first: dict[TopicPartition, int] = {}
+        for batches in uncommitted:
+            for tp, records in batches.items():
+                first.setdefault(tp, records[0].offset)
+        for tp, offset in first.items():
+            if tp in owned:
+                consumer.seek(tp, offset)
+
+    def forget_committed(self) -> None:
+        """Committed offsets are read from the group again on the next lag sample."""
+        self._committed.clear()
+        self._fetched_end.clear()
 
     async def lag(self) -> list[LagSample]:
         """End minus committed offset for every partition this worker holds."""
@@ -177,12 +249,13 @@ class PipelineConsumer(Service):
             return []
         samples = []
         for tp in sorted(consumer.assignment(), key=lambda tp: tp.partition):
-            end = consumer.highwater(tp)
             committed = self._committed.get(tp)
             if committed is None:
                 committed = await consumer.committed(tp) or 0
-                self._committed[tp] = committed
-            if end is None:
-                end = committed
+                # A batch committed meanwhile knows better.
+                committed = self._committed.setdefault(tp, committed)
+            # Tansu's high-water mark can trail the true end (the start of the last batch
+            # + 1); what this consumer has fetched is a floor for it.
+            end = max(consumer.highwater(tp) or 0, self._fetched_end.get(tp, 0), committed)
             samples.append(LagSample(tp.topic, tp.partition, end, committed))
         return samples

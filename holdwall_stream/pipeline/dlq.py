@@ -28,14 +28,15 @@ class DlqMessage:
 
 def _to_row(message: DlqMessage) -> dict[str, object]:
     headers = headers_.decode_headers(message.headers)
+    topic = headers.get(headers_.DLQ_ORIGINAL_TOPIC)
     return {
         "event_id": _uuid_or_none(headers.get(EVENT_ID_HEADER)),
         "key": message.key,
         "raw": message.value,
-        "reason": headers.get(headers_.DLQ_REASON, "unknown")[:100],
-        "error": headers.get(headers_.DLQ_ERROR_MESSAGE, ""),
+        "reason": _text(headers.get(headers_.DLQ_REASON, "unknown"))[:100],
+        "error": _text(headers.get(headers_.DLQ_ERROR_MESSAGE, "")),
         "headers": headers,
-        "original_topic": headers.get(headers_.DLQ_ORIGINAL_TOPIC),
+        "original_topic": _text(topic) if topic is not None else None,
         "original_partition": _int_or_none(headers.get(headers_.DLQ_ORIGINAL_PARTITION)),
         "original_offset": _int_or_none(headers.get(headers_.DLQ_ORIGINAL_OFFSET)),
         "attempts": _int_or_none(headers.get(headers_.DLQ_ATTEMPTS)) or 0,
@@ -118,6 +119,12 @@ async def purge(engine: AsyncEngine, *, replayed_only: bool) -> int:
         statement = statement.where(DeadLetter.replayed_at.is_not(None))
     async with engine.begin() as connection:
         return int((await connection.execute(statement)).rowcount or 0)
+
+
+def _text(value: str) -> str:
+    """PostgreSQL text columns cannot hold NUL, which an error message quoting a bad
+    message's field names can contain; one unstorable row would block the DLQ agent."""
+    return value.replace("\x00", "\ufffd")
 
 
 def _uuid_or_none(value: str | None) -> uuid.UUID | None:

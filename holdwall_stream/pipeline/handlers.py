@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, TypeVar
 
 from holdwall_stream.errors import HandlerConfigError
 from holdwall_stream.pipeline.envelope import EventEnvelope
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncConnection
 
 Handler = Callable[[EventEnvelope], Awaitable[None]]
 H = TypeVar("H", bound=Handler)
@@ -29,6 +34,35 @@ class PermanentHandlerError(Exception):
     """Raised by a handler for an event that can never succeed (e.g. it breaks a business
     rule): the pipeline parks it in the DLQ at once. Any other exception is transient and
     is retried."""
+
+
+_transaction: ContextVar[AsyncConnection | None] = ContextVar(
+    "holdwall_pipeline_transaction", default=None
+)
+
+
+def transaction() -> AsyncConnection:
+    """The database connection of the batch a handler is running in, inside its transaction.
+
+    Writes made through it commit in the same transaction as the event's processed_events
+    row, so they take effect exactly once however often the event is delivered, and they
+    are rolled back if the handler raises (each attempt runs in a savepoint). Use it from a
+    handler only; outside one it raises RuntimeError.
+    """
+    connection = _transaction.get()
+    if connection is None:
+        raise RuntimeError("transaction() is only available while a pipeline handler runs")
+    return connection
+
+
+@contextmanager
+def bind_transaction(connection: AsyncConnection) -> Iterator[None]:
+    """Makes ``connection`` what :func:`transaction` returns, for the handler call inside."""
+    token = _transaction.set(connection)
+    try:
+        yield
+    finally:
+        _transaction.reset(token)
 
 
 class HandlerRegistry:

@@ -1,9 +1,16 @@
 """What the events agent does with a batch of messages: validate, dedupe, handle, park.
 
-Effectively-once: an event id takes effect once because its ``processed_events`` row is
-written in the same transaction that the batch's other database effects commit in, and
-ids already there are skipped. A message that cannot be processed is sent to the DLQ
-(and awaited) before the batch moves on, so the rest of its key keeps its order.
+Effectively-once: a batch runs in one database transaction that first *claims* its event
+ids (``INSERT INTO processed_events ... ON CONFLICT DO NOTHING RETURNING event_id``, one
+statement per batch), then runs the handlers of the ids it claimed, and commits. An id
+already there (processed before, or claimed by a concurrent transaction, which makes the
+insert wait for that one to commit) is skipped as a duplicate, so a redelivered, replayed
+or concurrently consumed event takes effect once. Handlers that write through
+:func:`holdwall_stream.pipeline.handlers.transaction` commit together with the claim (and
+are rolled back with a failed attempt); other side effects are at-least-once.
+
+A message that cannot be processed is sent to the DLQ before the batch's offsets are
+committed, and the batch moves on, so the rest of its key keeps its order.
 """
 
 from __future__ import annotations
@@ -11,24 +18,56 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any, Protocol
 
-from sqlalchemy import select
-from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy import delete
+from sqlalchemy.dialects import sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from holdwall_stream.db.models import ProcessedEvent
 from holdwall_stream.messaging.dead_letter import DeadLetterInfo
 from holdwall_stream.messaging.producer import KafkaProducer
 from holdwall_stream.observability.metrics import Metrics
 from holdwall_stream.pipeline.envelope import EventEnvelope, InvalidMessage, parse_envelope
-from holdwall_stream.pipeline.handlers import Handler, HandlerRegistry, PermanentHandlerError
+from holdwall_stream.pipeline.handlers import (
+    Handler,
+    HandlerRegistry,
+    PermanentHandlerError,
+    bind_transaction,
+)
 from holdwall_stream.resilience.backoff import backoff_delay
 from holdwall_stream.settings import Settings
 
 log = logging.getLogger(__name__)
+
+# One statement claims a whole batch on PostgreSQL: two array literals as the only
+# parameters (cheaper to build than 2 x N bound values), and only the ids that were *not*
+# inserted come back (usually none), so nothing per event is sent back and parsed. The ids
+# are sent sorted (the database is the bottleneck, so the sort is done here): the random
+# UUIDs then reach the primary key's pages in order (measured 10-15 % less database time
+# per row), and two claimers of the same ids lock them in the same order.
+_PG_CLAIM = (
+    "WITH wanted AS (SELECT * FROM unnest(%s::uuid[], %s::varchar[]) AS w(event_id, type)), "
+    "claimed AS (INSERT INTO processed_events (event_id, type) SELECT event_id, type "
+    "FROM wanted ON CONFLICT (event_id) DO NOTHING RETURNING event_id) "
+    "SELECT event_id FROM wanted EXCEPT ALL SELECT event_id FROM claimed"
+)
+_PG_UNCLAIM = "DELETE FROM processed_events WHERE event_id = ANY(%s::uuid[])"
+
+
+class Message(Protocol):
+    """What the processor reads of a consumed message (aiokafka's ConsumerRecord fits)."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: Sequence[tuple[str, bytes]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +77,16 @@ class IncomingMessage:
     offset: int
     key: bytes | None
     value: bytes | None
-    headers: list[tuple[str, bytes]] = field(default_factory=list)
+    headers: Sequence[tuple[str, bytes]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class PreparedBatch:
+    valid: list[tuple[Message, EventEnvelope]] = field(default_factory=list)
+    invalid: list[tuple[Message, InvalidMessage]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.valid) + len(self.invalid)
 
 
 @dataclass
@@ -67,86 +115,186 @@ class EventProcessor:
         self._registry = registry
         self._producer = producer
         self._metrics = metrics
-        self._insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
+        self._postgres = engine.dialect.name == "postgresql"
 
-    async def process(self, messages: Sequence[IncomingMessage]) -> BatchOutcome:
-        outcome = BatchOutcome()
-        valid: list[tuple[IncomingMessage, EventEnvelope]] = []
+    async def process(self, messages: Sequence[Message]) -> BatchOutcome:
+        """Processes a batch: :meth:`prepare`, then :meth:`apply`."""
+        return await self.apply(self.prepare(messages))
+
+    def prepare(
+        self, messages: Sequence[Message], into: PreparedBatch | None = None
+    ) -> PreparedBatch:
+        """Parses a batch (or adds a slice of one to ``into``); no side effects, so the
+        consumer can prepare the next batch while the database works on the one before."""
+        prepared = PreparedBatch() if into is None else into
+        max_bytes = self._settings.kafka_max_message_bytes
+        valid = prepared.valid
         for message in messages:
             try:
-                envelope = parse_envelope(
-                    message.value, key=message.key, max_bytes=self._settings.kafka_max_message_bytes
+                valid.append(
+                    (message, parse_envelope(message.value, key=message.key, max_bytes=max_bytes))
                 )
             except InvalidMessage as exc:
-                await self._dead_letter(message, exc.reason, "InvalidMessage", exc.detail, None, 1)
-                outcome.dead_lettered += 1
-                continue
-            valid.append((message, envelope))
-        if not valid:
-            return outcome
-        done = await self._already_processed([envelope.id for _, envelope in valid])
-        handled: dict[uuid.UUID, str] = {}
+                prepared.invalid.append((message, exc))
+        return prepared
+
+    async def apply(self, prepared: PreparedBatch) -> BatchOutcome:
+        """Takes a prepared batch's effects; returns once they are committed and its dead
+        letters acknowledged by the broker. Raises (nothing committed for the valid events,
+        to be redelivered) when the database or the DLQ cannot be reached."""
+        outcome = BatchOutcome()
+        pending_dlq: list[asyncio.Future[Any]] = []
+        for message, exc in prepared.invalid:
+            pending_dlq.append(
+                await self._dead_letter(message, exc.reason, "InvalidMessage", exc.detail)
+            )
+            outcome.dead_lettered += 1
+        try:
+            if prepared.valid:
+                async with self._engine.begin() as connection:
+                    await self._process_valid(connection, prepared.valid, outcome, pending_dlq)
+        except BaseException:
+            for future in pending_dlq:  # the batch is redelivered; their outcome is moot
+                future.add_done_callback(_retrieve_exception)
+            raise
+        if pending_dlq:
+            failures = [
+                result
+                for result in await asyncio.gather(*pending_dlq, return_exceptions=True)
+                if isinstance(result, BaseException)
+            ]
+            if failures:
+                raise failures[0]
+        return outcome
+
+    async def _process_valid(
+        self,
+        connection: AsyncConnection,
+        valid: list[tuple[Message, EventEnvelope]],
+        outcome: BatchOutcome,
+        pending_dlq: list[asyncio.Future[Any]],
+    ) -> None:
+        wanted: dict[uuid.UUID, str] = {}
+        for _, envelope in valid:
+            wanted.setdefault(envelope.id, envelope.type)
+        duplicates = await self._claim(connection, wanted)
+        done: set[uuid.UUID] = set()
+        failed: set[uuid.UUID] = set()
+        processed_types: Counter[str] = Counter()
+        default_handler = not self._registry.types()
         for message, envelope in valid:
-            if envelope.id in done or envelope.id in handled:
+            event_id = envelope.id
+            if event_id in duplicates or event_id in done:
                 outcome.duplicates += 1
-                self._metrics.events_duplicate.inc()
                 continue
-            handler = self._handler_for(envelope.type)
+            if default_handler:
+                # The claimed processed_events row is the whole effect.
+                done.add(event_id)
+                outcome.processed += 1
+                processed_types[envelope.type] += 1
+                continue
+            handler = self._registry.get(envelope.type)
             if handler is None:
                 self._metrics.events_unknown_type.inc()
                 if self._settings.pipeline_unknown_type == "dlq":
-                    await self._dead_letter(
-                        message,
-                        "unknown_type",
-                        "UnknownEventType",
-                        f"no handler registered for event type {envelope.type!r}",
-                        envelope.id,
-                        1,
+                    pending_dlq.append(
+                        await self._dead_letter(
+                            message,
+                            "unknown_type",
+                            "UnknownEventType",
+                            f"no handler registered for event type {envelope.type!r}",
+                            event_id,
+                        )
                     )
                     outcome.dead_lettered += 1
+                    failed.add(event_id)
                 else:
                     outcome.skipped_unknown += 1
-                    handled[envelope.id] = envelope.type
+                    done.add(event_id)
+                    failed.discard(event_id)
                 continue
-            if await self._run_handler(handler, message, envelope):
-                handled[envelope.id] = envelope.type
+            future = await self._run_handler(connection, handler, message, envelope)
+            if future is None:
+                done.add(event_id)
+                failed.discard(event_id)
                 outcome.processed += 1
-                self._metrics.events_processed.labels(type=envelope.type).inc()
+                processed_types[envelope.type] += 1
             else:
+                pending_dlq.append(future)
+                failed.add(event_id)
                 outcome.dead_lettered += 1
-        await self._mark_processed(handled)
-        return outcome
+        if failed:
+            await self._unclaim(connection, failed)
+        if outcome.duplicates:
+            self._metrics.events_duplicate.inc(outcome.duplicates)
+        for kind, count in processed_types.items():
+            self._metrics.events_processed.labels(type=kind).inc(count)
 
-    def _handler_for(self, event_type: str) -> Handler | None:
-        handler = self._registry.get(event_type)
-        if handler is None and not self._registry.types():
-            return record_processed
-        return handler
+    async def _claim(
+        self, connection: AsyncConnection, wanted: dict[uuid.UUID, str]
+    ) -> set[uuid.UUID]:
+        """Inserts a processed_events row per id not yet there; returns the ids that were
+        already there (duplicates), usually none.
+
+        A row another open transaction inserted makes this one wait for its outcome, so two
+        consumers of the same partition (a rebalance, a zombie) never both claim an id.
+        """
+        if self._postgres:
+            quoted = {kind: _array_element(kind) for kind in set(wanted.values())}
+            by_hex = {event_id.hex: quoted[kind] for event_id, kind in wanted.items()}
+            order = sorted(by_hex)  # lowercase hex sorts as PostgreSQL sorts uuid
+            ids = "{" + ",".join(order) + "}"
+            types = "{" + ",".join(map(by_hex.__getitem__, order)) + "}"
+            result = await connection.exec_driver_sql(_PG_CLAIM, (ids, types))
+            return set(result.scalars())
+        result = await connection.execute(
+            sqlite.insert(ProcessedEvent)
+            .on_conflict_do_nothing(index_elements=["event_id"])
+            .returning(ProcessedEvent.event_id),
+            [{"event_id": event_id, "type": _db_text(kind)} for event_id, kind in wanted.items()],
+        )
+        return set(wanted).difference(result.scalars())
+
+    async def _unclaim(self, connection: AsyncConnection, ids: set[uuid.UUID]) -> None:
+        """Dead-lettered events are not processed: a replay must find them unclaimed."""
+        if self._postgres:
+            await connection.exec_driver_sql(_PG_UNCLAIM, (list(ids),))
+            return
+        await connection.execute(delete(ProcessedEvent).where(ProcessedEvent.event_id.in_(ids)))
 
     async def _run_handler(
-        self, handler: Handler, message: IncomingMessage, envelope: EventEnvelope
-    ) -> bool:
-        """True once the handler succeeded; False after it was dead-lettered."""
+        self,
+        connection: AsyncConnection,
+        handler: Handler,
+        message: Message,
+        envelope: EventEnvelope,
+    ) -> asyncio.Future[Any] | None:
+        """None once the handler succeeded; else the pending DLQ send of the event.
+
+        Each attempt runs in a savepoint of the batch transaction, which the handler can
+        write through: a failed attempt's writes are rolled back with it.
+        """
         first_failure: datetime | None = None
         max_attempts = self._settings.pipeline_max_attempts
         for attempt in range(1, max_attempts + 1):
             try:
-                await handler(envelope)
-                return True
+                async with connection.begin_nested():
+                    with bind_transaction(connection):
+                        await handler(envelope)
+                return None
             except Exception as exc:
                 first_failure = first_failure or datetime.now(UTC)
                 permanent = isinstance(exc, PermanentHandlerError)
                 if permanent or attempt == max_attempts:
-                    await self._dead_letter(
+                    return await self._dead_letter(
                         message,
                         "handler_failed",
                         type(exc).__name__,
-                        str(exc),
+                        str(exc) or repr(exc),
                         envelope.id,
                         attempt,
                         first_failure,
                     )
-                    return False
                 self._metrics.events_retried.inc()
                 delay = backoff_delay(
                     attempt,
@@ -163,40 +311,26 @@ class EventProcessor:
                     exc,
                 )
                 await asyncio.sleep(delay)
-        return False
-
-    async def _already_processed(self, ids: list[uuid.UUID]) -> set[uuid.UUID]:
-        async with self._engine.connect() as connection:
-            result = await connection.execute(
-                select(ProcessedEvent.event_id).where(ProcessedEvent.event_id.in_(ids))
-            )
-            return set(result.scalars())
-
-    async def _mark_processed(self, handled: dict[uuid.UUID, str]) -> None:
-        if not handled:
-            return
-        async with self._engine.begin() as connection:
-            await connection.execute(
-                self._insert(ProcessedEvent).on_conflict_do_nothing(index_elements=["event_id"]),
-                [{"event_id": event_id, "type": kind} for event_id, kind in handled.items()],
-            )
+        raise AssertionError("unreachable: the last attempt returns")  # pragma: no cover
 
     async def _dead_letter(
         self,
-        message: IncomingMessage,
+        message: Message,
         reason: str,
         error_type: str,
         error_message: str,
-        event_id: uuid.UUID | None,
-        attempts: int,
+        event_id: uuid.UUID | None = None,
+        attempts: int = 1,
         first_failure_at: datetime | None = None,
-    ) -> None:
+    ) -> asyncio.Future[Any]:
+        """Queues the original message for the DLQ with the failure headers; returns the
+        future of its acknowledgement (awaited before the batch's offsets are committed)."""
         now = datetime.now(UTC)
         info = DeadLetterInfo(
             source="pipeline",
             reason=reason,
             error_type=error_type,
-            error_message=error_message,
+            error_message=_header_text(error_message),
             attempts=attempts,
             first_failure_at=first_failure_at or now,
             last_failure_at=now,
@@ -205,8 +339,9 @@ class EventProcessor:
             original_partition=message.partition,
             original_offset=message.offset,
         )
-        headers = [(n, v) for n, v in message.headers if not n.startswith("dlq-")]
-        await self._producer.send(
+        headers = [(n, v) for n, v in message.headers or () if not n.startswith("dlq-")]
+        producer = await self._producer.get()
+        future = await producer.send(
             self._settings.kafka_dlq_topic,
             message.value,
             key=message.key,
@@ -221,3 +356,30 @@ class EventProcessor:
             reason,
             error_message[:300],
         )
+        return future
+
+
+def _retrieve_exception(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+def _db_text(value: str) -> str:
+    """PostgreSQL text cannot hold NUL; the envelope allows it in ``type``."""
+    return value.replace("\x00", "\ufffd") if "\x00" in value else value
+
+
+def _array_element(value: str) -> str:
+    """``value`` as a quoted element of a PostgreSQL array literal."""
+    escaped = _db_text(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
+
+
+def _header_text(value: str) -> str:
+    """Text a Kafka header (UTF-8) can carry: lone surrogates (from a handler's exception
+    message, say) would make the encoding fail."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "backslashreplace").decode()
+    return value

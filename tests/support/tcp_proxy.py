@@ -65,7 +65,9 @@ class TcpProxy:
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
 
-        self._thread = threading.Thread(target=run, name=f"tcp-proxy-{self.listen_port}", daemon=True)
+        self._thread = threading.Thread(
+            target=run, name=f"tcp-proxy-{self.listen_port}", daemon=True
+        )
         self._thread.start()
         if not ready.wait(_CALL_TIMEOUT_S):
             raise RuntimeError("proxy thread did not start")
@@ -117,7 +119,9 @@ class TcpProxy:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 2.0)
 
-    async def _handle(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+    async def _handle(
+        self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter
+    ) -> None:
         if self._server is None:
             _abort(client_writer)
             return

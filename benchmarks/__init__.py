@@ -1,0 +1,1 @@
+"""Throughput and latency benchmarks; `make bench` (python -m benchmarks) runs them all."""

@@ -1,0 +1,165 @@
+"""What every benchmark module needs: a fresh PostgreSQL database, percentiles, one table.
+
+PostgreSQL comes from TEST_DATABASE_URL (an admin connection) or the PG* variables, as in
+the tests; the database a benchmark creates is dropped when it ends, whatever happens.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import secrets
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import psycopg
+from psycopg import sql
+from sqlalchemy.engine import URL, make_url
+
+
+def admin_url() -> URL:
+    raw = os.environ.get("TEST_DATABASE_URL")
+    if raw:
+        return make_url(raw).set(drivername="postgresql")
+    host = os.environ.get("PGHOST") or "127.0.0.1"
+    socket_dir = host.startswith("/")
+    return URL.create(
+        "postgresql",
+        username=os.environ.get("PGUSER") or "postgres",
+        password=os.environ.get("PGPASSWORD") or None,
+        host=None if socket_dir else host,
+        port=int(os.environ.get("PGPORT") or 5432),
+        database=os.environ.get("PGDATABASE") or "postgres",
+        query={"host": host} if socket_dir else {},
+    )
+
+
+def render(url: URL) -> str:
+    return url.render_as_string(hide_password=False)
+
+
+@contextmanager
+def fresh_pg_database(prefix: str = "holdwall_bench") -> Iterator[str]:
+    """Creates an empty database, yields its ``postgresql://`` URL, drops it afterwards."""
+    admin = admin_url()
+    name = f"{prefix}_{secrets.token_hex(4)}"
+    with psycopg.connect(render(admin), autocommit=True, connect_timeout=5) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield render(admin.set(database=name))
+    finally:
+        with psycopg.connect(render(admin), autocommit=True, connect_timeout=5) as conn:
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0-100), nearest rank; NaN for no values."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+@dataclass(frozen=True)
+class Measurement:
+    section: str
+    name: str
+    value: float
+    unit: str
+    ratio: str = ""
+    note: str = ""
+
+
+def format_value(value: float, unit: str) -> str:
+    if math.isnan(value):
+        return "n/a"
+    if unit in ("events/s", "msg/s", "rows/s"):
+        return f"{value:,.0f} {unit}"
+    if unit == "ms":
+        return f"{value:,.1f} ms"
+    if unit == "s":
+        return f"{value:,.2f} s"
+    return f"{value:,.2f} {unit}".strip()
+
+
+def render_table(title: str, rows: Sequence[Measurement]) -> str:
+    """A Markdown table, so the output can be pasted into docs/PERFORMANCE.md as it is."""
+    header = ("", "measurement", "result", "vs ceiling", "note")
+    body = [(r.section, r.name, format_value(r.value, r.unit), r.ratio, r.note) for r in rows]
+    widths = [max(len(str(line[i])) for line in (header, *body)) for i in range(len(header))]
+
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
+    separator = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([f"### {title}", "", line(header), separator, *(line(b) for b in body)])
+
+
+def cpu_seconds_by_pid() -> dict[int, tuple[str, float]]:
+    """pid -> (command name, CPU seconds used so far, user + system) of every live process
+    (Linux /proc; empty elsewhere). Processes outside this process's tree are named
+    ``other <name>``, except PostgreSQL's (whose backends the benchmark's connections use)."""
+    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    stats: dict[int, tuple[str, int, float]] = {}
+    if not os.path.isdir("/proc"):
+        return {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                stat = handle.read()
+        except OSError:
+            continue
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if name.startswith("tansu"):
+            name = "tansu"
+        stats[int(entry)] = (name, int(fields[1]), (int(fields[11]) + int(fields[12])) / ticks)
+    ours = {os.getpid()}
+    grew = True
+    while grew:
+        grew = False
+        for pid, (_name, ppid, _used) in stats.items():
+            if ppid in ours and pid not in ours:
+                ours.add(pid)
+                grew = True
+    return {
+        pid: (name if pid in ours or name == "postgres" else f"other {name}", used)
+        for pid, (name, _ppid, used) in stats.items()
+    }
+
+
+class CpuSplit:
+    """CPU cores used per command name between ``start()`` and ``stop()``, counting only
+    processes alive at both ends (others' processes coming and going do not skew it).
+    On a shared machine it shows whether something else competed for the CPU."""
+
+    def __init__(self) -> None:
+        self._before: dict[int, tuple[str, float]] = {}
+        self._started = 0.0
+        self.cores: dict[str, float] = {}
+
+    def start(self) -> CpuSplit:
+        self._before = cpu_seconds_by_pid()
+        self._started = time.perf_counter()
+        return self
+
+    def stop(self) -> dict[str, float]:
+        elapsed = max(1e-9, time.perf_counter() - self._started)
+        cores: dict[str, float] = {}
+        for pid, (name, used) in cpu_seconds_by_pid().items():
+            before = self._before.get(pid)
+            if before is not None and before[0] == name:
+                cores[name] = cores.get(name, 0.0) + (used - before[1]) / elapsed
+        self.cores = {name: value for name, value in cores.items() if value >= 0.01}
+        return self.cores
+
+    def describe(self, top: int = 3) -> str:
+        ordered = sorted(self.cores.items(), key=lambda item: -item[1])[:top]
+        return ", ".join(f"{name} {cores:.2f}" for name, cores in ordered)

@@ -1,0 +1,130 @@
+"""The dead_letters table on real PostgreSQL and SQLite: what the DLQ agent stores (once per
+DLQ position, whatever the headers hold), and what the dlq CLI lists, replays and purges."""
+
+from __future__ import annotations
+
+import secrets
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from holdwall_stream.db.engine import create_engine
+from holdwall_stream.db.schema import init_schema
+from holdwall_stream.messaging import dead_letter as h
+from holdwall_stream.messaging.producer import KafkaProducer
+from holdwall_stream.messaging.topics import ensure_topics
+from holdwall_stream.observability.metrics import Metrics
+from holdwall_stream.pipeline import dlq
+from holdwall_stream.pipeline.dlq import DlqMessage
+from holdwall_stream.pipeline.envelope import EVENT_ID_HEADER
+from holdwall_stream.settings import load_settings
+from tests.support.worker_env import consume_all
+
+
+@pytest.fixture
+async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
+    engine = create_engine(load_settings(database_url=database_url))
+    await init_schema(engine)
+    try:
+        yield engine
+    finally:
+        await engine.dispose()
+
+
+def dead_letter(offset: int, **headers: str) -> DlqMessage:
+    base = {
+        h.DLQ_REASON: "invalid_envelope",
+        h.DLQ_ERROR_TYPE: "InvalidMessage",
+        h.DLQ_ERROR_MESSAGE: "data: Field required",
+        h.DLQ_ORIGINAL_TOPIC: "orders",
+        h.DLQ_ORIGINAL_PARTITION: "2",
+        h.DLQ_ORIGINAL_OFFSET: str(100 + offset),
+        h.DLQ_ATTEMPTS: "1",
+    } | headers
+    return DlqMessage(
+        partition=0,
+        offset=offset,
+        key=b"order-1",
+        value=b'{"id": 1}',
+        headers=[(name, value.encode()) for name, value in base.items()],
+    )
+
+
+async def test_a_dead_letter_is_stored_once_per_dlq_position(engine: AsyncEngine) -> None:
+    event_id = str(uuid.uuid4())
+    messages = [dead_letter(0, **{EVENT_ID_HEADER: event_id}), dead_letter(1)]
+    assert await dlq.store_dead_letters(engine, messages) == 2
+    assert await dlq.store_dead_letters(engine, messages) == 0  # redelivered: harmless
+    [first, second] = await dlq.list_dead_letters(engine)
+    assert str(first.event_id) == event_id
+    assert second.event_id is None
+    assert (first.original_topic, first.original_partition, first.original_offset) == (
+        "orders",
+        2,
+        100,
+    )
+    assert first.reason == "invalid_envelope"
+    assert first.attempts == 1
+    assert first.raw == b'{"id": 1}'
+    assert first.headers[h.DLQ_ERROR_TYPE] == "InvalidMessage"
+
+
+async def test_text_postgresql_cannot_hold_is_stored_all_the_same(engine: AsyncEngine) -> None:
+    """An error message can quote a bad message's field names, NUL included; one row the
+    database refuses would stop the DLQ agent for good."""
+    nul = dead_letter(
+        0,
+        **{
+            h.DLQ_ERROR_MESSAGE: "x\x00y: Extra inputs are not permitted",
+            h.DLQ_REASON: "in\x00valid",
+            h.DLQ_ORIGINAL_TOPIC: "t\x00",
+            "trace\x00": "v\x00",
+        },
+    )
+    assert await dlq.store_dead_letters(engine, [nul, dead_letter(1)]) == 2
+    [letter, _] = await dlq.list_dead_letters(engine)
+    assert letter.error == "x\ufffdy: Extra inputs are not permitted"
+    assert letter.reason == "in\ufffdvalid"
+    assert letter.original_topic == "t\ufffd"
+
+
+async def test_replay_resends_with_the_event_id_and_marks_replayed(
+    engine: AsyncEngine, database_url: str, kafka_bootstrap: str
+) -> None:
+    suffix = secrets.token_hex(4)
+    settings = load_settings(
+        kafka_enabled=True,
+        kafka_brokers=kafka_bootstrap,
+        database_url=database_url,
+        kafka_events_topic=f"replay-events-{suffix}",
+        kafka_dlq_topic=f"replay-dlq-{suffix}",
+    )
+    await ensure_topics(settings)
+    event_id = str(uuid.uuid4())
+    await dlq.store_dead_letters(
+        engine, [dead_letter(0, **{EVENT_ID_HEADER: event_id, "trace": "t-1"})]
+    )
+    [letter] = await dlq.list_dead_letters(engine)
+    producer = KafkaProducer(settings, Metrics())
+    try:
+        assert await dlq.replay(
+            engine, producer, settings.kafka_events_topic, [letter.id, 999]
+        ) == [letter.id]
+    finally:
+        await producer.stop()
+    [record] = await consume_all(kafka_bootstrap, settings.kafka_events_topic, expected=1)
+    headers = dict(record.headers)
+    assert record.value == b'{"id": 1}'
+    assert record.key == b"order-1"
+    assert headers[EVENT_ID_HEADER] == event_id.encode()
+    assert headers["trace"] == b"t-1"
+    assert headers["dlq-replayed-from"] == str(letter.id).encode()
+    assert not any(name.startswith("dlq-") and name != "dlq-replayed-from" for name in headers)
+    assert await dlq.list_dead_letters(engine) == []
+    [replayed] = await dlq.list_dead_letters(engine, include_replayed=True)
+    assert replayed.replayed_at is not None
+
+    assert await dlq.purge(engine, replayed_only=True) == 1
+    assert await dlq.count_dead_letters(engine) == 0
