@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-MODULES: tuple[str, ...] = ("benchmarks.relay",)
+MODULES: tuple[str, ...] = ("benchmarks.relay", "benchmarks.pipeline")
 
 
 def main(argv: list[str]) -> int:

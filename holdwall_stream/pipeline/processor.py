@@ -227,8 +227,12 @@ class EventProcessor:
             await self._unclaim(connection, failed)
         if outcome.duplicates:
             self._metrics.events_duplicate.inc(outcome.duplicates)
+        # Only registered types become label values: producers choose types, and an
+        # unbounded label set would grow the metrics without limit.
+        registered = set(self._registry.types())
         for kind, count in processed_types.items():
-            self._metrics.events_processed.labels(type=kind).inc(count)
+            label = kind if kind in registered else "other"
+            self._metrics.events_processed.labels(type=label).inc(count)
 
     async def _claim(
         self, connection: AsyncConnection, wanted: dict[uuid.UUID, str]
