@@ -76,13 +76,17 @@ PG_CLAIM = f"""
     SELECT id, event_id, key, payload, headers, attempts FROM claimed
     UNION ALL
     SELECT NULL, NULL, NULL, NULL, NULL, NULL
-    WHERE (SELECT count(*) FROM claimed) < %(limit)s
-      AND EXISTS (
-        SELECT 1 FROM outbox
-        WHERE partition = (SELECT partition FROM locked)
-          AND id > %(after)s AND {_UNPUBLISHED}
-          AND txid >= (SELECT xmin FROM horizon)
-      )
+    WHERE CASE WHEN (SELECT count(*) FROM claimed) < %(limit)s THEN EXISTS (
+        -- Every eligible row was claimed, so among the first claimed + 1 rows in the
+        -- partition's index range one is held back, if any is: a bounded index scan.
+        SELECT 1 FROM (
+            SELECT txid FROM outbox
+            WHERE partition = (SELECT partition FROM locked)
+              AND id > %(after)s AND {_UNPUBLISHED}
+            ORDER BY id LIMIT %(limit)s + 1
+        ) AS waiting
+        WHERE waiting.txid >= (SELECT xmin FROM horizon)
+    ) ELSE false END
     """
 _SQLITE_CLAIM = text(
     f"""
