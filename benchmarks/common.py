@@ -136,9 +136,9 @@ def cpu_seconds_by_pid() -> dict[int, tuple[str, float]]:
 
 
 class CpuSplit:
-    """CPU cores used per command name between ``start()`` and ``stop()``, counting only
-    processes alive at both ends (others' processes coming and going do not skew it).
-    On a shared machine it shows whether something else competed for the CPU."""
+    """CPU cores used per command name between ``start()`` and ``stop()``, from the
+    processes alive at the end (one that exited in between is missed). On a shared
+    machine it shows whether something else competed for the CPU."""
 
     def __init__(self) -> None:
         self._before: dict[int, tuple[str, float]] = {}
@@ -155,7 +155,9 @@ class CpuSplit:
         cores: dict[str, float] = {}
         for pid, (name, used) in cpu_seconds_by_pid().items():
             before = self._before.get(pid)
-            if before is not None and before[0] == name:
+            if before is None:  # started during the window: all of its time counts
+                cores[name] = cores.get(name, 0.0) + used / elapsed
+            elif before[0] == name:
                 cores[name] = cores.get(name, 0.0) + (used - before[1]) / elapsed
         self.cores = {name: value for name, value in cores.items() if value >= 0.01}
         return self.cores

@@ -151,13 +151,16 @@ class OutboxRelay:
         """One transaction: claim while claims find rows (up to CLAIMS_PER_TRANSACTION, for
         up to TRANSACTION_BUDGET_S), produce, commit.
 
-        Returns the rows the last claim took (a full batch means there may be more). Each
-        claim runs while the previous record batch is on its way to the broker, so the
-        database and Kafka round trips overlap; one record batch of the partition is in
-        flight at a time, and the transaction commits only once every one was acked.
+        Returns the rows the last claim took (a full batch means there may be more).
+        The database, Python and Kafka overlap: the next claim is already running in the
+        database while this one's rows are turned into a record batch, and that batch is
+        on its way to the broker while the next is prepared. Record batches still go out
+        in claim order, one in flight at a time, and the transaction commits only once
+        every one was acknowledged.
         """
         producer = await self._producer.get()
         limit = self._settings.outbox_batch_size
+        max_claims = CLAIMS_PER_TRANSACTION if self._parallel else 1
         claimed: list[ClaimedRow] = []
         last_claim = 0
         sent = 0
@@ -173,25 +176,30 @@ class OutboxRelay:
                     partition,
                     self._settings.kafka_request_timeout / 1000,
                 )
+                claims = _Claims(connection, partition, limit)
                 started = time.perf_counter()
                 deadline = time.monotonic() + TRANSACTION_BUDGET_S
-                # SQLite: one claim per transaction, as its write lock stalls every writer.
-                for _ in range(CLAIMS_PER_TRANSACTION if self._parallel else 1):
-                    after = claimed[-1].id if claimed else 0
-                    rows = await store.claim_batch(connection, partition, limit, after)
-                    if rows.held_back:
-                        self._held_back.add(partition)
-                    else:
-                        self._held_back.discard(partition)
-                    last_claim = len(rows)
-                    if not rows:  # nothing (more) to send, or another worker holds it
-                        break
-                    claimed.extend(rows)
-                    sendable = await self._dead_letter_oversized(connection, partition, rows)
-                    await sender.send(sendable)
-                    sent += len(sendable)
-                    if time.monotonic() >= deadline:
-                        break
+                try:
+                    claims.start()
+                    while claims.pending:
+                        rows = await claims.result()
+                        if rows.held_back:
+                            self._held_back.add(partition)
+                        else:
+                            self._held_back.discard(partition)
+                        last_claim = len(rows)
+                        if not rows:  # nothing (more) to send, or another worker holds it
+                            break
+                        claimed.extend(rows)
+                        if claims.started < max_claims and time.monotonic() < deadline:
+                            claims.start()  # runs while we send these
+                        sendable = await self._dead_letter_oversized(
+                            connection, partition, rows, claims
+                        )
+                        await sender.send(sendable)
+                        sent += len(sendable)
+                finally:
+                    await claims.settle()
                 if not claimed:
                     return 0
                 await sender.finish()
@@ -206,12 +214,16 @@ class OutboxRelay:
 
     async def _dead_letter_oversized(
         self,
-        connection,
+        connection: AsyncConnection,
         partition: int,
-        rows: list[ClaimedRow],  # type: ignore[no-untyped-def]
+        rows: list[ClaimedRow],
+        claims: _Claims,
     ) -> list[ClaimedRow]:
         """A row larger than the broker accepts would block its key forever: park it."""
         limit = self._settings.kafka_max_message_bytes
+        if store.all_fit(rows, limit):
+            return rows
+        await claims.wait()  # the connection is used by one statement at a time
         sendable = []
         for row in rows:
             if row.fits(limit):
@@ -311,6 +323,51 @@ class OutboxRelay:
             await asyncio.sleep(0)
 
 
+class _Claims:
+    """The claim statements of one relay transaction, at most one running at a time.
+
+    ``start`` runs the next claim as a task, so the database works on it while the caller
+    produces the previous rows; the caller touches the connection itself only after
+    ``wait``. ``settle`` lets a claim still running finish (its rows are rolled back with
+    the transaction if it fails): a statement is never cancelled half-way.
+    """
+
+    def __init__(self, connection: AsyncConnection, partition: int, limit: int) -> None:
+        self._connection = connection
+        self._partition = partition
+        self._limit = limit
+        self._task: asyncio.Task[store.Claim] | None = None
+        self.started = 0
+
+    @property
+    def pending(self) -> bool:
+        return self._task is not None
+
+    def start(self) -> None:
+        assert self._task is None
+        self.started += 1
+        self._task = asyncio.ensure_future(
+            store.claim_batch(self._connection, self._partition, self._limit)
+        )
+
+    async def result(self) -> store.Claim:
+        assert self._task is not None
+        task, self._task = self._task, None
+        return await task
+
+    async def wait(self) -> None:
+        """Until the running claim (if any) is done; its result stays for ``result``."""
+        if self._task is not None:
+            await asyncio.wait({self._task})
+
+    async def settle(self) -> None:
+        if self._task is not None:
+            task, self._task = self._task, None
+            await asyncio.wait({task})
+            if not task.cancelled():
+                task.exception()  # retrieved: the transaction rolls back anyway
+
+
 class _HeldConnection:
     """A connection kept across a partition's batches; replaced after any failure."""
 
@@ -357,18 +414,17 @@ class _PartitionSender:
 
     async def send(self, rows: list[ClaimedRow]) -> None:
         batch = self._producer.create_batch()
+        append = batch.append
         for row in rows:
             headers = row.kafka_headers()
-            while (
-                batch.append(key=row.key, value=row.payload, timestamp=None, headers=headers)
-                is None
-            ):
+            while append(key=row.key, value=row.payload, timestamp=None, headers=headers) is None:
                 if not batch.record_count():
                     raise MessageSizeTooLargeError(
                         f"outbox row {row.id} does not fit in an empty record batch"
                     )
                 await self._enqueue(batch)
                 batch = self._producer.create_batch()
+                append = batch.append
         if batch.record_count():
             await self._enqueue(batch)
 

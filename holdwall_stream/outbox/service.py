@@ -15,8 +15,11 @@ from holdwall_stream.settings import Settings
 log = logging.getLogger(__name__)
 BACKLOG_REFRESH_S = 2.0
 # Rows held back by an older transaction are looked at again after this long, doubling
-# while they stay held back, up to the poll interval.
+# while they stay held back, up to HELD_BACK_RECHECK_MAX_S (or the poll interval, if
+# shorter): the transactions that hold rows back (other writers, the pipeline's batches)
+# usually end within milliseconds, and a claim that finds nothing is cheap.
 HELD_BACK_RECHECK_S = 0.005
+HELD_BACK_RECHECK_MAX_S = 0.05
 RETENTION_INTERVAL_S = 60.0
 
 
@@ -117,6 +120,7 @@ class RelayService(Service):
         self._rechecks[partition] = rounds + 1
         delay = min(
             HELD_BACK_RECHECK_S * 2 ** min(rounds, 20),
+            HELD_BACK_RECHECK_MAX_S,
             self._settings.outbox_poll_interval_ms / 1000,
         )
         asyncio.get_running_loop().call_later(delay, self.wake, [partition])

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from json.scanner import make_scanner  # type: ignore[attr-defined]
+from operator import attrgetter
 from typing import Any
 
 from sqlalchemy import BigInteger, Integer, LargeBinary, Text, Uuid, bindparam, text
@@ -36,9 +37,17 @@ RELAY_APPLICATION_NAME = "holdwall-outbox-relay"
 #   their duration). A transaction not found in pg_stat_activity any more counts, so a
 #   race can only make the horizon lower (later), never let a row overtake. The snapshot
 #   is the statement's, taken before the lock gives this transaction an id.
-# - When it claims less than a full batch, a last row of NULLs says that committed rows
-#   were held back by the horizon: nothing will NOTIFY when the transaction holding it
-#   ends, so the relay has to look again by itself.
+# - A last row of NULLs says, when the claim is short of a full batch, whether committed
+#   rows were held back by the horizon (1 in its last column): nothing will NOTIFY when
+#   the transaction holding them ends, so the relay has to look again by itself.
+# - The lock is taken after the statement's snapshot: a relay that held it until just
+#   before may have committed rows this snapshot still sees unpublished. The UPDATE
+#   re-checks "unpublished" on the row's latest version (as READ COMMITTED does for rows
+#   changed concurrently), so such a row is skipped instead of published twice.
+# - Every claim scans the partition from its lowest unpublished id, also the second and
+#   later claims of one relay transaction (which walk past the index entries of the rows
+#   they marked earlier): starting after the last id claimed would let a row still being
+#   written with a lower id be overtaken by a later row of its key.
 # - The transaction commits without waiting for its WAL flush: if a database crash lost
 #   the commit, the rows (already on the topic) would only be published again.
 PG_CLAIM = f"""
@@ -63,10 +72,10 @@ PG_CLAIM = f"""
         FOR UPDATE SKIP LOCKED
     ), claimed AS (
         UPDATE outbox SET published = true, published_at = now()
-        WHERE id IN (
+        WHERE {_UNPUBLISHED} AND id IN (
             SELECT id FROM outbox
             WHERE partition = (SELECT partition FROM locked)
-              AND id > %(after)s AND {_UNPUBLISHED}
+              AND {_UNPUBLISHED}
               AND (txid IS NULL OR txid < (SELECT xmin FROM horizon))
             ORDER BY id LIMIT %(limit)s
         )
@@ -75,24 +84,23 @@ PG_CLAIM = f"""
     )
     SELECT id, event_id, key, payload, headers, attempts FROM claimed
     UNION ALL
-    SELECT NULL, NULL, NULL, NULL, NULL, NULL
-    WHERE CASE WHEN (SELECT count(*) FROM claimed) < %(limit)s THEN EXISTS (
-        -- Every eligible row was claimed, so among the first claimed + 1 rows in the
-        -- partition's index range one is held back, if any is: a bounded index scan.
-        SELECT 1 FROM (
-            SELECT txid FROM outbox
-            WHERE partition = (SELECT partition FROM locked)
-              AND id > %(after)s AND {_UNPUBLISHED}
-            ORDER BY id LIMIT %(limit)s + 1
-        ) AS waiting
-        WHERE waiting.txid >= (SELECT xmin FROM horizon)
-    ) ELSE false END
+    SELECT NULL, NULL, NULL, NULL, NULL,
+        CASE WHEN (SELECT count(*) FROM claimed) < %(limit)s THEN (EXISTS (
+            -- Every eligible row was claimed, so among the first claimed + 1 rows in the
+            -- partition's index range one is held back, if any is: a bounded index scan.
+            SELECT 1 FROM (
+                SELECT txid FROM outbox
+                WHERE partition = (SELECT partition FROM locked) AND {_UNPUBLISHED}
+                ORDER BY id LIMIT %(limit)s + 1
+            ) AS waiting
+            WHERE waiting.txid >= (SELECT xmin FROM horizon)
+        ))::int ELSE 0 END
     """
 _SQLITE_CLAIM = text(
     f"""
     UPDATE outbox SET published = 1, published_at = :now
     WHERE id IN (
-        SELECT id FROM outbox WHERE partition = :partition AND id > :after AND {_UNPUBLISHED}
+        SELECT id FROM outbox WHERE partition = :partition AND {_UNPUBLISHED}
         ORDER BY id LIMIT :limit
     )
     RETURNING id, event_id, key, payload, headers, attempts
@@ -113,9 +121,11 @@ class ClaimedRow:
     """One claimed outbox row, as cheap to build as possible (thousands per batch).
 
     ``headers_json`` is the column's JSON text; it is parsed only when the row is sent.
+    ``rough_size`` bounds :attr:`size` from above (JSON text is never shorter than the
+    names and values it holds), so the exact size is only worked out near the limit.
     """
 
-    __slots__ = ("attempts", "event_id", "headers_json", "id", "key", "payload")
+    __slots__ = ("attempts", "event_id", "headers_json", "id", "key", "payload", "rough_size")
 
     def __init__(
         self,
@@ -132,19 +142,15 @@ class ClaimedRow:
         self.payload = payload
         self.headers_json = headers_json
         self.attempts = attempts
+        self.rough_size = len(key) + len(payload) + (len(headers_json) if headers_json else 0)
 
     @property
     def headers(self) -> dict[str, str]:
         return _parse_json_object(self.headers_json) if self.headers_json else {}
 
     def fits(self, limit: int) -> bool:
-        """Whether the message is within ``limit`` bytes (see :attr:`size`).
-
-        The JSON text is never shorter than the header names and values it holds, so the
-        exact size is only worked out for rows near the limit.
-        """
-        rough = len(self.key) + len(self.payload) + len(self.headers_json or "")
-        return rough <= limit or self.size <= limit
+        """Whether the message is within ``limit`` bytes (see :attr:`size`)."""
+        return self.rough_size <= limit or self.size <= limit
 
     @property
     def size(self) -> int:
@@ -156,15 +162,27 @@ class ClaimedRow:
         )
 
     def kafka_headers(self) -> list[tuple[str, bytes]]:
-        if not self.headers_json:
+        text = self.headers_json
+        if not text:
             return []
-        return [
-            (name, value.encode() if type(value) is str else str(value).encode())
-            for name, value in _parse_json_object(self.headers_json).items()
-        ]
+        try:  # the common case, string values, with the C scanner and no checks
+            return [(name, value.encode()) for name, value in _scan_json(text, 0)[0].items()]
+        except (AttributeError, StopIteration, ValueError):
+            return [
+                (name, value.encode() if isinstance(value, str) else str(value).encode())
+                for name, value in _parse_json_object(text).items()
+            ]
 
     def __repr__(self) -> str:
         return f"ClaimedRow(id={self.id}, event_id={self.event_id}, attempts={self.attempts})"
+
+
+def all_fit(rows: Sequence[ClaimedRow], limit: int) -> bool:
+    """Whether every row is within ``limit`` bytes (the cheap bound, exact only if needed)."""
+    return not rows or max(map(_rough_size, rows)) <= limit or all(r.fits(limit) for r in rows)
+
+
+_rough_size = attrgetter("rough_size")
 
 
 # json.loads costs three Python frames around the C scanner; per row that is a third of the
@@ -205,27 +223,22 @@ async def ensure_relay_locks(connection: AsyncConnection, partitions: int) -> No
     )
 
 
-async def claim_batch(
-    connection: AsyncConnection, partition: int, limit: int, after: int = 0
-) -> Claim:
+async def claim_batch(connection: AsyncConnection, partition: int, limit: int) -> Claim:
     """Locks the partition and marks its next rows published, in the open transaction.
 
     Returns the claimed rows in id order; none when another worker holds the partition
     (it is relaying it right now). ``held_back`` (PostgreSQL): committed rows wait for
-    older transactions to end. ``after``: only rows with a higher id; a further
-    claim in the same transaction passes the last id it got, so the index scan starts
-    past the rows it already marked (their index entries cannot be skipped as dead while
-    the transaction is open, and would be walked again on every claim).
+    older transactions to end.
     """
     if connection.dialect.name == "postgresql":
-        rows = await _pg_claim(connection, partition, limit, after)
+        rows = await _pg_claim(connection, partition, limit)
     else:
         statement = _SQLITE_CLAIM.columns(**_SQLITE_ROW_TYPES).bindparams(
             bindparam("now", type_=_TIMESTAMP)
         )
         result = await connection.execute(
             statement,
-            {"partition": partition, "limit": limit, "after": after, "now": datetime.now(UTC)},
+            {"partition": partition, "limit": limit, "now": datetime.now(UTC)},
         )
         rows = Claim(
             ClaimedRow(row_id, str(event_id), key, payload, headers, attempts)
@@ -235,17 +248,17 @@ async def claim_batch(
     return rows
 
 
-async def _pg_claim(connection: AsyncConnection, partition: int, limit: int, after: int) -> Claim:
+async def _pg_claim(connection: AsyncConnection, partition: int, limit: int) -> Claim:
     # The driver connection is in the transaction SQLAlchemy began; binary results spare
     # the hex decoding of bytea, and no SQLAlchemy result processing runs per row.
     raw = await connection.get_raw_connection()
     driver = raw.driver_connection
     assert driver is not None
     async with driver.cursor(binary=True) as cursor:
-        await cursor.execute(PG_CLAIM, {"partition": partition, "limit": limit, "after": after})
+        await cursor.execute(PG_CLAIM, {"partition": partition, "limit": limit})
         rows = await cursor.fetchall()
-    claim = Claim(ClaimedRow(*row) for row in rows if row[0] is not None)
-    claim.held_back = len(claim) < len(rows)
+    claim = Claim(ClaimedRow(*row) for row in rows if row[1] is not None)
+    claim.held_back = any(row[5] for row in rows if row[1] is None)
     return claim
 
 

@@ -132,11 +132,6 @@ async def _backlog_is_zero(database_url: str) -> bool:
     return await _backlog(database_url) == 0
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known intermittent order violation with 3 relaying workers (seen once in a CI "
-    "simulation under load, passed in other runs); under investigation in issue 3",
-)
 async def test_three_workers_keep_every_keys_order(steady_run: SteadyRun) -> None:
     report = analyse(steady_run.records, steady_run.written, steady_run.partitions)
     per_key = len(steady_run.written) / len(KEYS)

@@ -4,6 +4,7 @@ claims that continue within one transaction."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import psycopg
@@ -48,10 +49,10 @@ async def _write(session: AsyncSession, n: int) -> None:
     await store_events(session, [_event(n)], TARGET)
 
 
-async def _claim(engine: AsyncEngine, after: int = 0, limit: int = 100) -> store.Claim:
+async def _claim(engine: AsyncEngine, limit: int = 100) -> store.Claim:
     """One claim in a transaction of its own, committed (so rows stay claimed)."""
     async with engine.connect() as connection, connection.begin():
-        return await store.claim_batch(connection, 0, limit, after)
+        return await store.claim_batch(connection, 0, limit)
 
 
 def _ns(claim: store.Claim) -> list[int]:
@@ -110,7 +111,7 @@ async def test_a_partition_locked_by_another_relay_claims_nothing(
     assert _ns(await _claim(engine)) == [2]
 
 
-async def test_claims_in_one_transaction_continue_after_the_last_id(
+async def test_claims_in_one_transaction_take_the_following_rows(
     pg: tuple[str, AsyncEngine],
 ) -> None:
     _url, engine = pg
@@ -119,8 +120,8 @@ async def test_claims_in_one_transaction_continue_after_the_last_id(
             await _write(session, n)
     async with engine.connect() as connection, connection.begin():
         first = await store.claim_batch(connection, 0, 2)
-        second = await store.claim_batch(connection, 0, 2, after=first[-1].id)
-        third = await store.claim_batch(connection, 0, 2, after=second[-1].id)
+        second = await store.claim_batch(connection, 0, 2)
+        third = await store.claim_batch(connection, 0, 2)
     assert (_ns(first), _ns(second), _ns(third)) == ([0, 1], [2, 3], [4])
     async with engine.connect() as connection:
         published = await connection.scalar(text("SELECT count(*) FROM outbox WHERE published"))
@@ -167,7 +168,67 @@ async def test_other_relay_transactions_do_not_hold_rows_back(
         assert (_ns(claim), claim.held_back) == ([1], False)
     with psycopg.connect(database_url, autocommit=True) as check:
         names = check.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s "
+            "AND datname = current_database()",
             (store.RELAY_APPLICATION_NAME,),
         ).fetchone()
     assert names == (0,), "the relay's name lasts for its transaction only"
+
+
+async def test_a_further_claim_never_passes_a_row_still_being_written(
+    pg: tuple[str, AsyncEngine],
+) -> None:
+    """A row of key K is still being written (lower id) while an older transaction commits
+    a higher id, which the relay's first claim takes; then K's writer commits and K's next
+    event follows. The relay's second claim in the same transaction must take both, in
+    order: had it started after the first claim's last id, K's second event would have
+    overtaken its first."""
+    database_url, engine = pg
+    with psycopg.connect(database_url) as older:
+        older.execute("SELECT pg_current_xact_id()")  # the oldest transaction
+        async with AsyncSession(engine) as writing_k:
+            await writing_k.begin()
+            await store_events(writing_k, [_keyed("K", 1)], TARGET)  # lower id, open
+            # the older transaction adds a row with a higher id and commits first
+            older.execute(
+                "INSERT INTO outbox (event_id, topic, partition, key, payload, headers) "
+                "VALUES (gen_random_uuid(), 'claim-test', 0, 'Z', "
+                "convert_to('{\"data\": {\"n\": 100}}', 'UTF8'), '{}')"
+            )
+            older.commit()
+            async with engine.connect() as relay, relay.begin():
+                first = await store.claim_batch(relay, 0, 100)
+                assert _ns(first) == [100]
+                await writing_k.commit()
+                async with AsyncSession(engine) as session, session.begin():
+                    await store_events(session, [_keyed("K", 2)], TARGET)
+                second = await store.claim_batch(relay, 0, 100)
+    assert _ns(second) == [1, 2], "K's first event must not be overtaken by its second"
+
+
+def _keyed(key: str, n: int) -> NewEvent:
+    return NewEvent(type="claim.test", aggregate_id=key, data={"n": n})
+
+
+async def test_a_row_published_under_a_claim_statement_is_not_claimed_again(
+    pg: tuple[str, AsyncEngine],
+) -> None:
+    """The claim takes the partition lock after its snapshot, so a relay that committed
+    just before may have published rows that this snapshot still sees unpublished. The
+    UPDATE must re-check them on their latest version (here: the claim waits on a row
+    another transaction is publishing, which then commits) instead of publishing twice."""
+    database_url, engine = pg
+    async with AsyncSession(engine) as session, session.begin():
+        for n in range(3):
+            await _write(session, n)
+    with psycopg.connect(database_url) as other_relay:
+        other_relay.execute(
+            "UPDATE outbox SET published = true, published_at = now() "
+            "WHERE id = (SELECT min(id) FROM outbox)"
+        )
+        claiming = asyncio.create_task(_claim(engine))
+        await asyncio.sleep(0.5)  # the claim is now waiting for that row's lock
+        assert not claiming.done()
+        other_relay.commit()
+        claim = await asyncio.wait_for(claiming, 10)
+    assert _ns(claim) == [1, 2], "row 0 was published by the other transaction"
