@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import psycopg
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
@@ -54,3 +56,13 @@ def _serialise_sqlite_writers(engine: AsyncEngine) -> None:
 
 def create_session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     return async_sessionmaker(engine, expire_on_commit=False)
+
+
+async def psycopg_connection(connection: AsyncConnection) -> psycopg.AsyncConnection[Any]:
+    """The driver connection under a PostgreSQL SQLAlchemy connection, in the transaction
+    SQLAlchemy began: for hot paths that pass arrays or read binary results directly."""
+    raw = await connection.get_raw_connection()
+    driver = raw.driver_connection
+    if not isinstance(driver, psycopg.AsyncConnection):
+        raise TypeError(f"expected a psycopg connection, got {type(driver).__name__}")
+    return driver

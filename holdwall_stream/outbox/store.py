@@ -19,6 +19,7 @@ from sqlalchemy import BigInteger, Integer, LargeBinary, Text, Uuid, bindparam, 
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from holdwall_stream.db.engine import psycopg_connection
 from holdwall_stream.db.models import RelayLock, Timestamp
 
 _UNPUBLISHED = "published = false AND dead_lettered_at IS NULL"
@@ -249,11 +250,9 @@ async def claim_batch(connection: AsyncConnection, partition: int, limit: int) -
 
 
 async def _pg_claim(connection: AsyncConnection, partition: int, limit: int) -> Claim:
-    # The driver connection is in the transaction SQLAlchemy began; binary results spare
-    # the hex decoding of bytea, and no SQLAlchemy result processing runs per row.
-    raw = await connection.get_raw_connection()
-    driver = raw.driver_connection
-    assert driver is not None
+    # Binary results spare the hex decoding of bytea, and no SQLAlchemy result processing
+    # runs per row.
+    driver = await psycopg_connection(connection)
     async with driver.cursor(binary=True) as cursor:
         await cursor.execute(PG_CLAIM, {"partition": partition, "limit": limit})
         rows = await cursor.fetchall()
