@@ -264,9 +264,8 @@ async def claim_ceiling(
                 await cursor.execute(store.PG_CLAIM, {"partition": partition, "limit": batch_size})
                 rows = await cursor.fetchall()
             await conn.commit()
-            claimed = sum(1 for row in rows if row[1] is not None)
-            done += claimed
-            if claimed < batch_size:
+            done += len(rows)
+            if len(rows) < batch_size:
                 return done
 
     connections = [

@@ -42,7 +42,6 @@ CREATE TABLE outbox (
 	key BYTEA NOT NULL, 
 	payload BYTEA NOT NULL, 
 	headers JSON NOT NULL, 
-	txid BIGINT, 
 	created_at TIMESTAMP WITH TIME ZONE DEFAULT now() NOT NULL, 
 	published BOOLEAN DEFAULT false NOT NULL, 
 	published_at TIMESTAMP WITH TIME ZONE, 
@@ -56,8 +55,6 @@ CREATE TABLE outbox (
 CREATE INDEX ix_outbox_published_at ON outbox (published_at) WHERE published = true;
 
 CREATE INDEX ix_outbox_unpublished ON outbox (partition, id) WHERE published = false AND dead_lettered_at IS NULL;
-
-ALTER TABLE outbox ALTER COLUMN txid SET DEFAULT (pg_current_xact_id()::text::bigint);
 
 CREATE TABLE processed_events (
 	event_id UUID NOT NULL, 

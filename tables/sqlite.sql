@@ -42,7 +42,6 @@ CREATE TABLE outbox (
 	"key" BLOB NOT NULL, 
 	payload BLOB NOT NULL, 
 	headers JSON NOT NULL, 
-	txid BIGINT, 
 	created_at DATETIME DEFAULT CURRENT_TIMESTAMP NOT NULL, 
 	published BOOLEAN DEFAULT 0 NOT NULL, 
 	published_at DATETIME, 

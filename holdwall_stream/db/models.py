@@ -78,8 +78,6 @@ class Outbox(Base):
 
     ``partition`` is fixed at write time with Kafka's default partitioner so the relay can
     lock and drain one partition at a time: that is what keeps order per key.
-    ``txid`` (PostgreSQL only) is the writing transaction's id; the relay skips rows whose
-    transaction might still have lower-id neighbours in flight.
     """
 
     __tablename__ = "outbox"
@@ -91,7 +89,6 @@ class Outbox(Base):
     key: Mapped[bytes] = mapped_column(LargeBinary)
     payload: Mapped[bytes] = mapped_column(LargeBinary)
     headers: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
-    txid: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     created_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
     published: Mapped[bool] = mapped_column(Boolean, server_default=false(), default=False)
     published_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)

@@ -4,22 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sqlalchemy import DDL, event, text
+from sqlalchemy import text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.schema import CreateIndex, CreateTable
 
-from holdwall_stream.db.models import Base, Outbox
+from holdwall_stream.db.models import Base
 
 TABLES_DIR = Path(__file__).resolve().parents[2] / "tables"
 DIALECTS = {"postgresql": postgresql.dialect(), "sqlite": sqlite.dialect()}
 DDL_FILES = {"postgresql": "postgres.sql", "sqlite": "sqlite.sql"}
-
-# The writing transaction's id, so the relay can wait for lower ids still in flight.
-OUTBOX_TXID_DEFAULT = DDL(
-    "ALTER TABLE outbox ALTER COLUMN txid SET DEFAULT (pg_current_xact_id()::text::bigint)"
-)
-event.listen(Outbox.__table__, "after_create", OUTBOX_TXID_DEFAULT.execute_if(dialect="postgresql"))
 
 # Serialises concurrent `db init` / worker starts on one PostgreSQL database.
 _SCHEMA_LOCK_KEY = 0x686F6C64  # "hold"
@@ -43,8 +37,6 @@ def render_ddl(dialect_name: str) -> str:
             str(CreateIndex(index).compile(dialect=dialect)).strip()
             for index in sorted(table.indexes, key=lambda index: index.name or "")
         )
-        if table is Outbox.__table__ and dialect_name == "postgresql":
-            statements.append(str(OUTBOX_TXID_DEFAULT.compile(dialect=dialect)).strip())
     header = "-- Generated from holdwall_stream/db/models.py by `make ddl`; do not edit.\n"
     return header + "".join(f"\n{statement};\n" for statement in statements)
 

@@ -39,9 +39,9 @@ RATE_WINDOW_S = 60.0
 # How long one drain() pass keeps taking batches from a partition with a backlog before it
 # returns (and the caller re-reads which partitions it owns).
 DRAIN_BUDGET_S = 1.0
-# One relay transaction keeps claiming while claims find rows, up to this many claims of
-# OUTBOX_BATCH_SIZE and for up to this long: each claim overlaps the previous batch's
-# produce, and rows committed meanwhile are picked up without a new transaction. (Relay
+# One relay transaction keeps claiming while claims come back full, up to this many claims
+# of OUTBOX_BATCH_SIZE and for up to this long: each claim overlaps the previous batch's
+# produce, so a backlog drains without a commit per batch. (Relay
 # transactions do not hold back other relays' claims: see store.PG_CLAIM.)
 CLAIMS_PER_TRANSACTION = 8
 TRANSACTION_BUDGET_S = 0.25
@@ -65,7 +65,6 @@ class OutboxRelay:
         # SQLite has one writer at a time: its partitions are relayed one after the other.
         self._one_writer = asyncio.Lock()
         self._held: dict[int, _HeldConnection] = {}
-        self._held_back: set[int] = set()
         self._failures: dict[int, int] = {}
         self._retry_at: dict[int, float] = {}
         self._published_log: deque[tuple[float, int]] = deque()
@@ -79,12 +78,6 @@ class OutboxRelay:
     async def prepare(self) -> None:
         async with self._engine.begin() as connection:
             await store.ensure_relay_locks(connection, self._settings.kafka_partitions)
-
-    def held_back(self, partition: int) -> bool:
-        """Whether the partition's last claim left committed rows behind because older
-        transactions were still running (PostgreSQL): look again soon, nothing will
-        NOTIFY when those transactions end."""
-        return partition in self._held_back
 
     @asynccontextmanager
     async def holding_connection(self, partition: int) -> AsyncIterator[None]:
@@ -183,15 +176,18 @@ class OutboxRelay:
                     claims.start()
                     while claims.pending:
                         rows = await claims.result()
-                        if rows.held_back:
-                            self._held_back.add(partition)
-                        else:
-                            self._held_back.discard(partition)
                         last_claim = len(rows)
                         if not rows:  # nothing (more) to send, or another worker holds it
                             break
                         claimed.extend(rows)
-                        if claims.started < max_claims and time.monotonic() < deadline:
+                        # Only after a full batch can more be waiting: a short one means
+                        # the partition is drained, and what is committed from now on
+                        # NOTIFYs (another claim would mostly poll an empty partition).
+                        if (
+                            len(rows) >= limit
+                            and claims.started < max_claims
+                            and time.monotonic() < deadline
+                        ):
                             claims.start()  # runs while we send these
                         sendable = await self._dead_letter_oversized(
                             connection, partition, rows, claims
@@ -336,7 +332,7 @@ class _Claims:
         self._connection = connection
         self._partition = partition
         self._limit = limit
-        self._task: asyncio.Task[store.Claim] | None = None
+        self._task: asyncio.Task[list[ClaimedRow]] | None = None
         self.started = 0
 
     @property
@@ -350,7 +346,7 @@ class _Claims:
             store.claim_batch(self._connection, self._partition, self._limit)
         )
 
-    async def result(self) -> store.Claim:
+    async def result(self) -> list[ClaimedRow]:
         assert self._task is not None
         task, self._task = self._task, None
         return await task

@@ -14,12 +14,6 @@ from holdwall_stream.settings import Settings
 
 log = logging.getLogger(__name__)
 BACKLOG_REFRESH_S = 2.0
-# Rows held back by an older transaction are looked at again after this long, doubling
-# while they stay held back, up to HELD_BACK_RECHECK_MAX_S (or the poll interval, if
-# shorter): the transactions that hold rows back (other writers, the pipeline's batches)
-# usually end within milliseconds, and a claim that finds nothing is cheap.
-HELD_BACK_RECHECK_S = 0.005
-HELD_BACK_RECHECK_MAX_S = 0.05
 RETENTION_INTERVAL_S = 60.0
 
 
@@ -50,7 +44,6 @@ class RelayService(Service):
         self._again: set[int] = set()
         self._wake_all = False
         self._wanted: set[int] = set()
-        self._rechecks: dict[int, int] = {}  # partition -> consecutive held-back rounds
 
     def wake(self, partitions: Collection[int] | None = None) -> None:
         """Drains ``partitions`` (all owned ones if None) as soon as possible."""
@@ -110,20 +103,6 @@ class RelayService(Service):
         finally:
             self._draining.pop(partition, None)
             self._again.discard(partition)
-            self._schedule_recheck(partition)
-
-    def _schedule_recheck(self, partition: int) -> None:
-        if self.should_stop or not self._relay.held_back(partition):
-            self._rechecks.pop(partition, None)
-            return
-        rounds = self._rechecks.get(partition, 0)
-        self._rechecks[partition] = rounds + 1
-        delay = min(
-            HELD_BACK_RECHECK_S * 2 ** min(rounds, 20),
-            HELD_BACK_RECHECK_MAX_S,
-            self._settings.outbox_poll_interval_ms / 1000,
-        )
-        asyncio.get_running_loop().call_later(delay, self.wake, [partition])
 
     @Service.timer(BACKLOG_REFRESH_S)
     async def _refresh_backlog(self) -> None:

@@ -24,78 +24,37 @@ from holdwall_stream.db.models import RelayLock, Timestamp
 
 _UNPUBLISHED = "published = false AND dead_lettered_at IS NULL"
 
-RELAY_APPLICATION_NAME = "holdwall-outbox-relay"
-
 # PostgreSQL, run on the driver connection (psycopg, binary results): the relay's hot path,
 # one round trip.
 # - It takes the partition's lock row (SKIP LOCKED: if another worker holds it, the claim
 #   finds nothing).
-# - It skips rows whose writing transaction is not older than the oldest transaction that
-#   could still add outbox rows (the horizon), so a row is only relayed once every
-#   transaction that could still commit a lower id has ended. The horizon is the oldest of
-#   the snapshot's in-progress transactions, leaving out those known to be unable to write
-#   here: another database's, and relay transactions (named RELAY_APPLICATION_NAME for
-#   their duration). A transaction not found in pg_stat_activity any more counts, so a
-#   race can only make the horizon lower (later), never let a row overtake. The snapshot
-#   is the statement's, taken before the lock gives this transaction an id.
-# - A last row of NULLs says, when the claim is short of a full batch, whether committed
-#   rows were held back by the horizon (1 in its last column): nothing will NOTIFY when
-#   the transaction holding them ends, so the relay has to look again by itself.
+# - It takes the partition's lowest unpublished ids that are committed (visible to the
+#   statement), in id order. Every claim starts at the lowest one, also the second and
+#   later claims of one relay transaction: starting after the last id claimed would let a
+#   row committed meanwhile with a lower id be overtaken by a later row of its key.
+#   Per key this is commit order: a writer that writes a key after the previous write of
+#   that key committed gets a higher id, and a statement that sees the later row sees the
+#   earlier one too. Nothing older has to end first, so a long transaction elsewhere never
+#   holds the relay back.
 # - The lock is taken after the statement's snapshot: a relay that held it until just
 #   before may have committed rows this snapshot still sees unpublished. The UPDATE
 #   re-checks "unpublished" on the row's latest version (as READ COMMITTED does for rows
 #   changed concurrently), so such a row is skipped instead of published twice.
-# - Every claim scans the partition from its lowest unpublished id, also the second and
-#   later claims of one relay transaction (which walk past the index entries of the rows
-#   they marked earlier): starting after the last id claimed would let a row still being
-#   written with a lower id be overtaken by a later row of its key.
 # - The transaction commits without waiting for its WAL flush: if a database crash lost
 #   the commit, the rows (already on the topic) would only be published again.
 PG_CLAIM = f"""
-    WITH snapshot AS (
-        SELECT pg_current_snapshot() AS s
-    ), unable_to_write_here AS (
-        SELECT backend_xid::text::bigint AS xid32 FROM pg_stat_activity
-        WHERE backend_xid IS NOT NULL
-          AND (datname IS DISTINCT FROM current_database()
-               OR application_name = '{RELAY_APPLICATION_NAME}')
-    ), horizon AS (
-        SELECT coalesce(
-                   (SELECT min(x::text::bigint) FROM snapshot, pg_snapshot_xip(s) AS x
-                    WHERE x::text::bigint %% 4294967296
-                          NOT IN (SELECT xid32 FROM unable_to_write_here)),
-                   (SELECT pg_snapshot_xmax(s)::text::bigint FROM snapshot)
-               ) AS xmin,
-               set_config('application_name', '{RELAY_APPLICATION_NAME}', true) AS name,
-               set_config('synchronous_commit', 'off', true) AS async_commit
-    ), locked AS (
-        SELECT partition FROM relay_locks WHERE partition = %(partition)s
+    WITH locked AS (
+        SELECT partition, set_config('synchronous_commit', 'off', true) AS async_commit
+        FROM relay_locks WHERE partition = %(partition)s
         FOR UPDATE SKIP LOCKED
-    ), claimed AS (
-        UPDATE outbox SET published = true, published_at = now()
-        WHERE {_UNPUBLISHED} AND id IN (
-            SELECT id FROM outbox
-            WHERE partition = (SELECT partition FROM locked)
-              AND {_UNPUBLISHED}
-              AND (txid IS NULL OR txid < (SELECT xmin FROM horizon))
-            ORDER BY id LIMIT %(limit)s
-        )
-        RETURNING id, event_id::text AS event_id, key, payload, headers::text AS headers,
-                  attempts
     )
-    SELECT id, event_id, key, payload, headers, attempts FROM claimed
-    UNION ALL
-    SELECT NULL, NULL, NULL, NULL, NULL,
-        CASE WHEN (SELECT count(*) FROM claimed) < %(limit)s THEN (EXISTS (
-            -- Every eligible row was claimed, so among the first claimed + 1 rows in the
-            -- partition's index range one is held back, if any is: a bounded index scan.
-            SELECT 1 FROM (
-                SELECT txid FROM outbox
-                WHERE partition = (SELECT partition FROM locked) AND {_UNPUBLISHED}
-                ORDER BY id LIMIT %(limit)s + 1
-            ) AS waiting
-            WHERE waiting.txid >= (SELECT xmin FROM horizon)
-        ))::int ELSE 0 END
+    UPDATE outbox SET published = true, published_at = now()
+    WHERE {_UNPUBLISHED} AND id IN (
+        SELECT id FROM outbox
+        WHERE partition = (SELECT partition FROM locked) AND {_UNPUBLISHED}
+        ORDER BY id LIMIT %(limit)s
+    )
+    RETURNING id, event_id::text AS event_id, key, payload, headers::text AS headers, attempts
     """
 _SQLITE_CLAIM = text(
     f"""
@@ -201,12 +160,6 @@ def _parse_json_object(text: str) -> dict[str, Any]:
     return value
 
 
-class Claim(list[ClaimedRow]):
-    """Claimed rows, in id order, and whether committed rows were held back (horizon)."""
-
-    held_back: bool = False
-
-
 @dataclass(frozen=True)
 class BacklogStats:
     backlog: int
@@ -224,12 +177,11 @@ async def ensure_relay_locks(connection: AsyncConnection, partitions: int) -> No
     )
 
 
-async def claim_batch(connection: AsyncConnection, partition: int, limit: int) -> Claim:
+async def claim_batch(connection: AsyncConnection, partition: int, limit: int) -> list[ClaimedRow]:
     """Locks the partition and marks its next rows published, in the open transaction.
 
     Returns the claimed rows in id order; none when another worker holds the partition
-    (it is relaying it right now). ``held_back`` (PostgreSQL): committed rows wait for
-    older transactions to end.
+    (it is relaying it right now).
     """
     if connection.dialect.name == "postgresql":
         rows = await _pg_claim(connection, partition, limit)
@@ -241,24 +193,22 @@ async def claim_batch(connection: AsyncConnection, partition: int, limit: int) -
             statement,
             {"partition": partition, "limit": limit, "now": datetime.now(UTC)},
         )
-        rows = Claim(
+        rows = [
             ClaimedRow(row_id, str(event_id), key, payload, headers, attempts)
             for row_id, event_id, key, payload, headers, attempts in result
-        )
+        ]
     rows.sort(key=_row_id)
     return rows
 
 
-async def _pg_claim(connection: AsyncConnection, partition: int, limit: int) -> Claim:
+async def _pg_claim(connection: AsyncConnection, partition: int, limit: int) -> list[ClaimedRow]:
     # Binary results spare the hex decoding of bytea, and no SQLAlchemy result processing
     # runs per row.
     driver = await psycopg_connection(connection)
     async with driver.cursor(binary=True) as cursor:
         await cursor.execute(PG_CLAIM, {"partition": partition, "limit": limit})
         rows = await cursor.fetchall()
-    claim = Claim(ClaimedRow(*row) for row in rows if row[1] is not None)
-    claim.held_back = any(row[5] for row in rows if row[1] is None)
-    return claim
+    return [ClaimedRow(*row) for row in rows]
 
 
 def _row_id(row: ClaimedRow) -> int:

@@ -1,6 +1,6 @@
-"""The relay's claim statement on real PostgreSQL: the partition lock, the transaction
-horizon (a lower id committed later is never overtaken), the held-back signal, and
-claims that continue within one transaction."""
+"""The relay's claim statement on real PostgreSQL: the partition lock, rows claimed as
+they commit (per key that is commit order; nothing running elsewhere holds them back),
+and claims that continue within one transaction."""
 
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ from holdwall_stream.outbox import store
 from holdwall_stream.outbox.writer import (
     NewEvent,
     OutboxTarget,
-    partition_for_key,
     store_events,
 )
 from holdwall_stream.settings import load_settings
@@ -49,51 +48,50 @@ async def _write(session: AsyncSession, n: int) -> None:
     await store_events(session, [_event(n)], TARGET)
 
 
-async def _claim(engine: AsyncEngine, limit: int = 100) -> store.Claim:
+async def _claim(engine: AsyncEngine, limit: int = 100) -> list[store.ClaimedRow]:
     """One claim in a transaction of its own, committed (so rows stay claimed)."""
     async with engine.connect() as connection, connection.begin():
         return await store.claim_batch(connection, 0, limit)
 
 
-def _ns(claim: store.Claim) -> list[int]:
+def _ns(claim: list[store.ClaimedRow]) -> list[int]:
     import json
 
     return [json.loads(row.payload)["data"]["n"] for row in claim]
 
 
-async def test_a_lower_id_committed_later_is_not_overtaken(
+async def test_rows_are_claimed_in_the_order_their_transactions_commit(
     pg: tuple[str, AsyncEngine],
 ) -> None:
+    """Two transactions write the same key at once: the one with the higher id commits
+    first and goes first; the lower id follows once its transaction commits. (A key's
+    order is its commit order; writers that serialise on the key also get ids in it.)"""
     _url, engine = pg
     async with AsyncSession(engine) as slow:
         await slow.begin()
         await _write(slow, 1)  # gets the lower id, commits last
         async with AsyncSession(engine) as fast, fast.begin():
             await _write(fast, 2)
-
-        claim = await _claim(engine)
-        assert _ns(claim) == [], "the higher id must wait for the lower one's transaction"
-        assert claim.held_back, "and the relay must be told to look again by itself"
-
+        assert _ns(await _claim(engine)) == [2], "committed, so claimed: nothing waits"
         await slow.commit()
-    claim = await _claim(engine)
-    assert _ns(claim) == [1, 2]
-    assert not claim.held_back
+    assert _ns(await _claim(engine)) == [1]
+    assert _ns(await _claim(engine)) == []
 
 
-async def test_any_older_running_transaction_holds_rows_back(
-    pg: tuple[str, AsyncEngine],
+async def test_a_long_transaction_elsewhere_does_not_hold_rows_back(
+    pg: tuple[str, AsyncEngine], pg_admin_url: str
 ) -> None:
+    """Open write transactions, in this database and in another one of the cluster (an
+    analytics job, a migration), never delay the relay."""
     database_url, engine = pg
-    with psycopg.connect(database_url) as other:
-        other.execute("SELECT pg_current_xact_id()")  # an open transaction with an id
+    with psycopg.connect(database_url) as here, psycopg.connect(pg_admin_url) as elsewhere:
+        here.execute("SELECT pg_current_xact_id()")  # open transactions with an id
+        elsewhere.execute("SELECT pg_current_xact_id()")
         async with AsyncSession(engine) as session, session.begin():
             await _write(session, 1)
-        claim = await _claim(engine)
-        assert (_ns(claim), claim.held_back) == ([], True)
-        other.rollback()
-    claim = await _claim(engine)
-    assert (_ns(claim), claim.held_back) == ([1], False)
+        assert _ns(await _claim(engine)) == [1]
+        here.rollback()
+        elsewhere.rollback()
 
 
 async def test_a_partition_locked_by_another_relay_claims_nothing(
@@ -107,7 +105,7 @@ async def test_a_partition_locked_by_another_relay_claims_nothing(
         held = await store.claim_batch(first, 0, 2)
         assert _ns(held) == [0, 1]
         second = await _claim(engine)
-        assert _ns(second) == [] and not second.held_back, "SKIP LOCKED: no wait, no rows"
+        assert _ns(second) == [], "SKIP LOCKED: no wait, no rows"
     assert _ns(await _claim(engine)) == [2]
 
 
@@ -126,53 +124,6 @@ async def test_claims_in_one_transaction_take_the_following_rows(
     async with engine.connect() as connection:
         published = await connection.scalar(text("SELECT count(*) FROM outbox WHERE published"))
     assert published == 5
-
-
-async def test_transactions_of_other_databases_do_not_hold_rows_back(
-    pg: tuple[str, AsyncEngine], pg_admin_url: str
-) -> None:
-    """Another database's transactions can never add rows to this outbox (the horizon is
-    per database, although transaction ids are cluster-wide)."""
-    _url, engine = pg
-    with psycopg.connect(pg_admin_url) as elsewhere:
-        elsewhere.execute("SELECT pg_current_xact_id()")  # open, in the admin database
-        async with AsyncSession(engine) as session, session.begin():
-            await _write(session, 1)
-        claim = await _claim(engine)
-        assert (_ns(claim), claim.held_back) == ([1], False)
-        elsewhere.rollback()
-
-
-async def test_other_relay_transactions_do_not_hold_rows_back(
-    pg: tuple[str, AsyncEngine],
-) -> None:
-    """A relay transaction never adds outbox rows: one draining another partition (here,
-    one that is still open after its claim) must not delay this partition's rows."""
-    database_url, engine = pg
-    two = OutboxTarget(TARGET.topic, partitions=2)
-    async with engine.begin() as connection:
-        await store.ensure_relay_locks(connection, 2)
-    keys: dict[int, str] = {}
-    for n in range(50):  # a key for each partition
-        keys.setdefault(partition_for_key(f"key-{n}".encode(), 2), f"key-{n}")
-    async with AsyncSession(engine) as session, session.begin():
-        await store_events(session, [NewEvent(type="t", aggregate_id=keys[1], data={"n": 0})], two)
-    async with engine.connect() as relay_one, relay_one.begin():
-        assert len(await store.claim_batch(relay_one, 1, 10)) == 1  # open, holding an id
-        async with AsyncSession(engine) as session, session.begin():
-            await store_events(
-                session, [NewEvent(type="t", aggregate_id=keys[0], data={"n": 1})], two
-            )
-        async with engine.connect() as relay_zero, relay_zero.begin():
-            claim = await store.claim_batch(relay_zero, 0, 10)
-        assert (_ns(claim), claim.held_back) == ([1], False)
-    with psycopg.connect(database_url, autocommit=True) as check:
-        names = check.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s "
-            "AND datname = current_database()",
-            (store.RELAY_APPLICATION_NAME,),
-        ).fetchone()
-    assert names == (0,), "the relay's name lasts for its transaction only"
 
 
 async def test_a_further_claim_never_passes_a_row_still_being_written(
