@@ -39,12 +39,6 @@ RATE_WINDOW_S = 60.0
 # How long one drain() pass keeps taking batches from a partition with a backlog before it
 # returns (and the caller re-reads which partitions it owns).
 DRAIN_BUDGET_S = 1.0
-# One relay transaction keeps claiming while claims come back full, up to this many claims
-# of OUTBOX_BATCH_SIZE and for up to this long: each claim overlaps the previous batch's
-# produce, so a backlog drains without a commit per batch. (Relay
-# transactions do not hold back other relays' claims: see store.PG_CLAIM.)
-CLAIMS_PER_TRANSACTION = 8
-TRANSACTION_BUDGET_S = 0.25
 
 
 class OutboxRelay:
@@ -141,21 +135,16 @@ class OutboxRelay:
         return published >= self._settings.outbox_batch_size
 
     async def _relay_batch(self, partition: int) -> int:
-        """One transaction: claim while claims find rows (up to CLAIMS_PER_TRANSACTION, for
-        up to TRANSACTION_BUDGET_S), produce, commit.
+        """One transaction: claim a batch, produce it, commit once the broker acknowledged it.
 
-        Returns the rows the last claim took (a full batch means there may be more).
-        The database, Python and Kafka overlap: the next claim is already running in the
-        database while this one's rows are turned into a record batch, and that batch is
-        on its way to the broker while the next is prepared. Record batches still go out
-        in claim order, one in flight at a time, and the transaction commits only once
-        every one was acknowledged.
+        Returns the number of rows claimed (a full batch means there may be more). One
+        claim per transaction: a further claim in the same transaction would walk past the
+        index entries of the rows this one marked (they only become skippable once it
+        commits), which measured slower than committing and claiming afresh. The other
+        partitions' batches keep the database busy meanwhile.
         """
         producer = await self._producer.get()
-        limit = self._settings.outbox_batch_size
-        max_claims = CLAIMS_PER_TRANSACTION if self._parallel else 1
         claimed: list[ClaimedRow] = []
-        last_claim = 0
         sent = 0
         held = self._held.get(partition)
         try:
@@ -163,42 +152,22 @@ class OutboxRelay:
                 held.use() if held else self._engine.connect() as connection,
                 connection.begin(),
             ):
+                started = time.perf_counter()
+                claimed = await store.claim_batch(
+                    connection, partition, self._settings.outbox_batch_size
+                )
+                if not claimed:  # nothing to send, or another worker holds the partition
+                    return 0
+                sendable = await self._dead_letter_oversized(connection, partition, claimed)
                 sender = _PartitionSender(
                     producer,
                     self._settings.kafka_events_topic,
                     partition,
                     self._settings.kafka_request_timeout / 1000,
                 )
-                claims = _Claims(connection, partition, limit)
-                started = time.perf_counter()
-                deadline = time.monotonic() + TRANSACTION_BUDGET_S
-                try:
-                    claims.start()
-                    while claims.pending:
-                        rows = await claims.result()
-                        last_claim = len(rows)
-                        if not rows:  # nothing (more) to send, or another worker holds it
-                            break
-                        claimed.extend(rows)
-                        # Only after a full batch can more be waiting: a short one means
-                        # the partition is drained, and what is committed from now on
-                        # NOTIFYs (another claim would mostly poll an empty partition).
-                        if (
-                            len(rows) >= limit
-                            and claims.started < max_claims
-                            and time.monotonic() < deadline
-                        ):
-                            claims.start()  # runs while we send these
-                        sendable = await self._dead_letter_oversized(
-                            connection, partition, rows, claims
-                        )
-                        await sender.send(sendable)
-                        sent += len(sendable)
-                finally:
-                    await claims.settle()
-                if not claimed:
-                    return 0
+                await sender.send(sendable)
                 await sender.finish()
+                sent = len(sendable)
                 self._metrics.outbox_publish_latency.observe(time.perf_counter() - started)
         except Exception as exc:
             if claimed:
@@ -206,20 +175,18 @@ class OutboxRelay:
             raise
         self._note_published(sent)
         self._metrics.outbox_batch_size.observe(len(claimed))
-        return last_claim
+        return len(claimed)
 
     async def _dead_letter_oversized(
         self,
         connection: AsyncConnection,
         partition: int,
         rows: list[ClaimedRow],
-        claims: _Claims,
     ) -> list[ClaimedRow]:
         """A row larger than the broker accepts would block its key forever: park it."""
         limit = self._settings.kafka_max_message_bytes
         if store.all_fit(rows, limit):
             return rows
-        await claims.wait()  # the connection is used by one statement at a time
         sendable = []
         for row in rows:
             if row.fits(limit):
@@ -319,51 +286,6 @@ class OutboxRelay:
             await asyncio.sleep(0)
 
 
-class _Claims:
-    """The claim statements of one relay transaction, at most one running at a time.
-
-    ``start`` runs the next claim as a task, so the database works on it while the caller
-    produces the previous rows; the caller touches the connection itself only after
-    ``wait``. ``settle`` lets a claim still running finish (its rows are rolled back with
-    the transaction if it fails): a statement is never cancelled half-way.
-    """
-
-    def __init__(self, connection: AsyncConnection, partition: int, limit: int) -> None:
-        self._connection = connection
-        self._partition = partition
-        self._limit = limit
-        self._task: asyncio.Task[list[ClaimedRow]] | None = None
-        self.started = 0
-
-    @property
-    def pending(self) -> bool:
-        return self._task is not None
-
-    def start(self) -> None:
-        assert self._task is None
-        self.started += 1
-        self._task = asyncio.ensure_future(
-            store.claim_batch(self._connection, self._partition, self._limit)
-        )
-
-    async def result(self) -> list[ClaimedRow]:
-        assert self._task is not None
-        task, self._task = self._task, None
-        return await task
-
-    async def wait(self) -> None:
-        """Until the running claim (if any) is done; its result stays for ``result``."""
-        if self._task is not None:
-            await asyncio.wait({self._task})
-
-    async def settle(self) -> None:
-        if self._task is not None:
-            task, self._task = self._task, None
-            await asyncio.wait({task})
-            if not task.cancelled():
-                task.exception()  # retrieved: the transaction rolls back anyway
-
-
 class _HeldConnection:
     """A connection kept across a partition's batches; replaced after any failure."""
 
@@ -396,7 +318,7 @@ class _PartitionSender:
     Before a record batch is handed to the producer, the previous one must have been
     acknowledged: were an earlier batch to fail (its delivery timed out) while a later one
     was already queued, the later one would land on the topic ahead of the earlier rows'
-    retry. The caller overlaps the wait with its next claim instead.
+    retry. (A claim of OUTBOX_BATCH_SIZE rows usually fits one record batch.)
     """
 
     def __init__(

@@ -11,9 +11,8 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from json.scanner import make_scanner  # type: ignore[attr-defined]
+from functools import lru_cache
 from operator import attrgetter
-from typing import Any
 
 from sqlalchemy import BigInteger, Integer, LargeBinary, Text, Uuid, bindparam, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -21,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from holdwall_stream.db.engine import psycopg_connection
 from holdwall_stream.db.models import RelayLock, Timestamp
+from holdwall_stream.pipeline.envelope import EVENT_ID_HEADER
 
 _UNPUBLISHED = "published = false AND dead_lettered_at IS NULL"
 
@@ -80,9 +80,10 @@ _SQLITE_ROW_TYPES = {
 class ClaimedRow:
     """One claimed outbox row, as cheap to build as possible (thousands per batch).
 
-    ``headers_json`` is the column's JSON text; it is parsed only when the row is sent.
-    ``rough_size`` bounds :attr:`size` from above (JSON text is never shorter than the
-    names and values it holds), so the exact size is only worked out near the limit.
+    ``headers_json`` is the column's JSON text: the headers besides ``event-id``, which
+    comes from the ``event_id`` column. ``rough_size`` bounds :attr:`size` from above
+    (JSON text is never shorter than the names and values it holds), so the exact size is
+    only worked out near the limit.
     """
 
     __slots__ = ("attempts", "event_id", "headers_json", "id", "key", "payload", "rough_size")
@@ -102,11 +103,13 @@ class ClaimedRow:
         self.payload = payload
         self.headers_json = headers_json
         self.attempts = attempts
-        self.rough_size = len(key) + len(payload) + (len(headers_json) if headers_json else 0)
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return _parse_json_object(self.headers_json) if self.headers_json else {}
+        self.rough_size = (
+            len(key)
+            + len(payload)
+            + _EVENT_ID_HEADER_NAME_SIZE
+            + len(event_id)
+            + (len(headers_json) if headers_json else 0)
+        )
 
     def fits(self, limit: int) -> bool:
         """Whether the message is within ``limit`` bytes (see :attr:`size`)."""
@@ -115,23 +118,11 @@ class ClaimedRow:
     @property
     def size(self) -> int:
         """Bytes on the wire, roughly: what the broker's message size limit compares."""
-        return (
-            len(self.key)
-            + len(self.payload)
-            + sum(len(k.encode()) + len(str(v).encode()) for k, v in self.headers.items())
-        )
+        headers = sum(len(name.encode()) + len(value) for name, value in self.kafka_headers())
+        return len(self.key) + len(self.payload) + headers
 
     def kafka_headers(self) -> list[tuple[str, bytes]]:
-        text = self.headers_json
-        if not text:
-            return []
-        try:  # the common case, string values, with the C scanner and no checks
-            return [(name, value.encode()) for name, value in _scan_json(text, 0)[0].items()]
-        except (AttributeError, StopIteration, ValueError):
-            return [
-                (name, value.encode() if isinstance(value, str) else str(value).encode())
-                for name, value in _parse_json_object(text).items()
-            ]
+        return [(EVENT_ID_HEADER, self.event_id.encode()), *_other_headers(self.headers_json)]
 
     def __repr__(self) -> str:
         return f"ClaimedRow(id={self.id}, event_id={self.event_id}, attempts={self.attempts})"
@@ -143,21 +134,28 @@ def all_fit(rows: Sequence[ClaimedRow], limit: int) -> bool:
 
 
 _rough_size = attrgetter("rough_size")
+_EVENT_ID_HEADER_NAME_SIZE = len(EVENT_ID_HEADER)
 
 
-# json.loads costs three Python frames around the C scanner; per row that is a third of the
-# relay's header handling. The scanner itself is what json.loads ends up calling.
-_scan_json = make_scanner(json.JSONDecoder())
+@lru_cache(maxsize=4096)
+def _other_headers(text: str | None) -> tuple[tuple[str, bytes], ...]:
+    """A row's headers besides ``event-id``, as Kafka wants them.
 
-
-def _parse_json_object(text: str) -> dict[str, Any]:
-    try:
-        value, _end = _scan_json(text, 0)
-    except (StopIteration, ValueError):
-        value = json.loads(text)  # raises the usual, descriptive error
+    Parsed once per distinct text: the writer stores only ``event-type`` here, so there
+    are about as many as event types, and parsing per row cost a third of the relay's
+    CPU. An ``event-id`` in the text (rows written before it moved to its column) is left
+    out, so the header is never sent twice.
+    """
+    if not text:
+        return ()
+    value = json.loads(text)
     if not isinstance(value, dict):
         raise ValueError(f"outbox headers are not a JSON object: {text[:100]!r}")
-    return value
+    return tuple(
+        (name, item.encode() if isinstance(item, str) else str(item).encode())
+        for name, item in value.items()
+        if name != EVENT_ID_HEADER
+    )
 
 
 @dataclass(frozen=True)

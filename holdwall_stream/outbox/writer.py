@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from holdwall_stream.db.engine import psycopg_connection
 from holdwall_stream.db.models import Event, Outbox
-from holdwall_stream.pipeline.envelope import EVENT_ID_HEADER, EventEnvelope, encode_envelope
+from holdwall_stream.pipeline.envelope import EventEnvelope, encode_envelope
 
 OUTBOX_CHANNEL = "holdwall_outbox"
 EVENT_TYPE_HEADER = "event-type"
@@ -204,4 +204,6 @@ def _outbox_row(envelope: EventEnvelope, target: OutboxTarget) -> dict[str, Any]
 
 
 def _headers(envelope: EventEnvelope) -> dict[str, str]:
-    return {EVENT_ID_HEADER: str(envelope.id), EVENT_TYPE_HEADER: envelope.type}
+    """Kafka headers besides ``event-id``, which the relay takes from the event_id column
+    (so the relay parses each distinct header set once, not every row's)."""
+    return {EVENT_TYPE_HEADER: envelope.type}
