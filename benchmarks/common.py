@@ -65,6 +65,25 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[rank - 1]
 
 
+def histogram_quantile(cumulative: Sequence[tuple[float, float]], q: float) -> float:
+    """The q-th percentile (0-100) of a Prometheus histogram, from its cumulative buckets
+    ``(upper bound, count)`` in ascending order, interpolated linearly inside the bucket
+    (as PromQL's histogram_quantile does); NaN for no observations."""
+    total = cumulative[-1][1] if cumulative else 0.0
+    if total <= 0:
+        return math.nan
+    rank = q / 100 * total
+    lower, below = 0.0, 0.0
+    for upper, count in cumulative:
+        if count >= rank:
+            if math.isinf(upper):
+                return lower  # beyond the last finite bound: report that bound
+            inside = count - below
+            return lower + (upper - lower) * ((rank - below) / inside if inside else 1.0)
+        lower, below = upper, count
+    return lower
+
+
 @dataclass(frozen=True)
 class Measurement:
     section: str

@@ -8,8 +8,10 @@ One run, one table, all figures measured on the same machine in the same run:
 (b) the relay's sustained rate for N pre-inserted events, from start until every row is
     published: in-process (``OutboxRelay.drain`` over all partitions in a loop) and in
     real worker processes;
-(c) commit-to-topic latency p50/p99 at a steady rate (writers use ``store_events``; a
-    consumer with a small ``fetch_max_wait_ms`` records arrival times);
+(c) commit-to-topic latency p50/p99 at a steady rate (writers use ``store_events``):
+    the workers' kafka_outbox_relay_delay_seconds histogram, from a batch's oldest row's
+    write to the broker's acknowledgement; and, for comparison, commit to arrival at a
+    consumer with a small ``fetch_max_wait_ms`` (which adds Tansu's read path);
 (d) 1, 2 and 3 worker processes.
 
 PostgreSQL: a fresh database it creates and drops (TEST_DATABASE_URL or PG*). Kafka: an
@@ -35,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
@@ -46,10 +49,18 @@ from typing import Any
 
 import psycopg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from benchmarks.common import CpuSplit, Measurement, fresh_pg_database, percentile, render_table
+from benchmarks.common import (
+    CpuSplit,
+    Measurement,
+    fresh_pg_database,
+    histogram_quantile,
+    percentile,
+    render_table,
+)
 from holdwall_stream.db.engine import create_engine
 from holdwall_stream.db.schema import init_schema
 from holdwall_stream.embedded import EmbeddedBroker
@@ -188,6 +199,15 @@ async def wait_drained(database_url: str, timeout: float = DRAIN_TIMEOUT_S) -> f
 # --- (a) ceilings --------------------------------------------------------------------
 
 
+async def _declare_topic(settings: Settings, topic: str) -> str:
+    """A topic like the events topic (same partitions), for measurements beside it."""
+    kwargs = _settings_kwargs(settings)
+    await ensure_topics(
+        load_settings(**{**kwargs, "kafka_events_topic": topic, "kafka_dlq_topic": f"{topic}-dlq"})
+    )
+    return topic
+
+
 async def kafka_ceiling(settings: Settings, database_url: str) -> tuple[float, int]:
     """aiokafka create_batch/send_batch of the outbox's own messages; no database."""
     async with await psycopg.AsyncConnection.connect(database_url) as conn:
@@ -199,16 +219,7 @@ async def kafka_ceiling(settings: Settings, database_url: str) -> tuple[float, i
     for partition, key, payload, headers in rows:
         encoded = [(name, value.encode()) for name, value in headers.items()]
         by_partition[partition].append((bytes(key), bytes(payload), encoded))
-    topic = f"{settings.kafka_events_topic}-ceiling"
-    await ensure_topics(
-        load_settings(
-            **{
-                **_settings_kwargs(settings),
-                "kafka_events_topic": topic,
-                "kafka_dlq_topic": f"{topic}-dlq",
-            }
-        )
-    )
+    topic = await _declare_topic(settings, f"{settings.kafka_events_topic}-ceiling")
     producer = AIOKafkaProducer(
         bootstrap_servers=settings.bootstrap_servers,
         acks="all",
@@ -483,7 +494,11 @@ async def relay_in_workers(
 @dataclass(frozen=True)
 class Latency:
     """Commit-to-topic latency (ms): just before COMMIT -> the consumer had the record.
-    ``pickup``: just before COMMIT -> the relay put the record in a batch (CreateTime)."""
+    ``pickup``: just before COMMIT -> the relay put the record in a batch (CreateTime).
+    ``acked``: the workers' kafka_outbox_relay_delay_seconds histogram over the measured
+    window, per batch from its oldest row's write (transaction start, so never later
+    than its commit) to the broker's acknowledgement: an upper bound of commit-to-topic
+    that no consumer's fetch timing is part of."""
 
     p50: float
     p99: float
@@ -491,7 +506,31 @@ class Latency:
     count: int
     pickup_p50: float
     pickup_p99: float
+    acked_p50: float
+    acked_p99: float
+    acked_batches: int
     cpu: CpuSplit
+
+
+RELAY_DELAY_BUCKET = "kafka_outbox_relay_delay_seconds_bucket"
+
+
+def relay_delay_buckets(workers: Sequence[Worker]) -> dict[float, float]:
+    """Upper bound -> cumulative count of the relay delay histogram, summed over workers."""
+    summed: dict[float, float] = defaultdict(float)
+    for worker in workers:
+        url = f"{worker.process.base_url}/api/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            text = response.read().decode()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == RELAY_DELAY_BUCKET:
+                    summed[float(sample.labels["le"])] += sample.value
+    return dict(summed)
+
+
+def _window(before: dict[float, float], after: dict[float, float]) -> list[tuple[float, float]]:
+    return sorted((bound, after[bound] - before.get(bound, 0.0)) for bound in after)
 
 
 def _consume_arrivals(bootstrap: str, topic: str, out_path: str) -> None:
@@ -528,6 +567,132 @@ def _consume_arrivals(bootstrap: str, topic: str, out_path: str) -> None:
     asyncio.run(consume())
 
 
+class MeasuringConsumer:
+    """The arrivals consumer (``--consume``), a process of its own so that the writers'
+    CPU cannot delay it."""
+
+    def __init__(self) -> None:
+        self._process: subprocess.Popen[bytes] | None = None
+
+    async def start(self, bootstrap: str, topic: str, arrivals_path: Path) -> None:
+        self._process = subprocess.Popen(
+            [
+                *[sys.executable, "-m", "benchmarks.relay", "--consume"],
+                *[bootstrap, topic, str(arrivals_path)],
+            ],
+            stdout=subprocess.PIPE,
+            cwd=Path(__file__).resolve().parents[1],
+        )
+        assert self._process.stdout is not None
+        line = await asyncio.wait_for(asyncio.to_thread(self._process.stdout.readline), 30)
+        if line.strip() != b"ready":
+            raise RuntimeError("the latency consumer did not start")
+
+    def stop(self) -> None:
+        if self._process is None:
+            return
+        self._process.terminate()
+        try:
+            self._process.wait(10)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+
+
+async def wait_arrived(
+    arrivals_path: Path, sent: dict[str, float], timeout: float = 30.0
+) -> dict[str, tuple[float, float]]:
+    """Every sent event id's (arrival, CreateTime); raises if some never arrive."""
+    deadline = time.perf_counter() + timeout
+    arrived: dict[str, tuple[float, float]] = {}
+    while time.perf_counter() < deadline:
+        arrived = _read_arrivals(arrivals_path)
+        if not set(sent) - set(arrived):
+            return arrived
+        await asyncio.sleep(0.2)
+    raise RuntimeError(f"{len(set(sent) - set(arrived))} events never arrived on the topic")
+
+
+@dataclass(frozen=True)
+class BrokerLatency:
+    """The embedded broker alone (ms): a record batch's send -> its acknowledgement, and a
+    record's send -> its arrival at the measuring consumer."""
+
+    ack_p50: float
+    ack_p99: float
+    arrival_p50: float
+    arrival_p99: float
+    arrival_worst: float
+
+
+async def broker_latency(settings: Settings, bootstrap: str, root: Path) -> BrokerLatency:
+    """The latency phase's Kafka traffic without the database or the relay: the baseline
+    the relay's figures compare with, measured on the same broker in the same run.
+
+    A producer sends what the relay sends at LATENCY_RATE: per writer commit, one record
+    batch per partition, one batch in flight per partition, for as long as the latency
+    phase; the same measuring consumer records arrivals.
+    """
+    topic = await _declare_topic(settings, f"{settings.kafka_events_topic}-broker-alone")
+    arrivals_path = root / f"{topic}-arrivals.txt"
+    measuring_consumer = MeasuringConsumer()
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=0)
+    await producer.start()
+    sent: dict[str, float] = {}
+    acks: list[float] = []
+    per_batch = max(1, LATENCY_EVENTS_PER_TX // PARTITIONS)
+    interval = LATENCY_EVENTS_PER_TX / LATENCY_RATE
+    value = _padding().encode()
+    try:
+        await measuring_consumer.start(bootstrap, topic, arrivals_path)
+        measure_from = time.time() + LATENCY_WARMUP_S
+        until = time.perf_counter() + LATENCY_WARMUP_S + LATENCY_SECONDS
+        in_flight: dict[int, asyncio.Future[Any]] = {}
+
+        async def acked(future: asyncio.Future[Any], started: float) -> None:
+            await future
+            if started >= measure_from:
+                acks.append((time.time() - started) * 1000)
+
+        next_at = time.perf_counter()
+        tasks = []
+        while next_at < until:
+            await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+            for partition in range(PARTITIONS):
+                previous = in_flight.get(partition)
+                if previous is not None:
+                    await previous
+                batch = producer.create_batch()
+                started = time.time()
+                for _ in range(per_batch):
+                    event_id = str(uuid.uuid4())
+                    sent[event_id] = started
+                    batch.append(
+                        key=event_id.encode(),
+                        value=value,
+                        timestamp=None,
+                        headers=[("event-id", event_id.encode())],
+                    )
+                batch.close()
+                future = await producer.send_batch(batch, topic, partition=partition)
+                in_flight[partition] = future
+                tasks.append(asyncio.create_task(acked(future, started)))
+            next_at += interval
+        await asyncio.gather(*tasks)
+        arrived = await wait_arrived(arrivals_path, sent)
+    finally:
+        measuring_consumer.stop()
+        await producer.stop()
+    arrival = [(arrived[i][0] - t) * 1000 for i, t in sent.items() if t >= measure_from]
+    return BrokerLatency(
+        ack_p50=percentile(acks, 50),
+        ack_p99=percentile(acks, 99),
+        arrival_p50=percentile(arrival, 50),
+        arrival_p99=percentile(arrival, 99),
+        arrival_worst=max(arrival),
+    )
+
+
 async def latency_in_workers(count: int, database_url: str, bootstrap: str, root: Path) -> Latency:
     """Commit-to-topic latency at LATENCY_RATE events/s from ``count`` worker processes.
 
@@ -544,21 +709,9 @@ async def latency_in_workers(count: int, database_url: str, bootstrap: str, root
     engine = create_engine(settings)
     committing: dict[str, float] = {}
     arrivals_path = root / f"{suffix}-arrivals.txt"
+    measuring_consumer = MeasuringConsumer()
     with running_workers(count, database_url, bootstrap, suffix, root) as workers:
         await wait_assigned(workers)
-        consumer = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "benchmarks.relay",
-                "--consume",
-                bootstrap,
-                target.topic,
-                str(arrivals_path),
-            ],
-            stdout=subprocess.PIPE,
-            cwd=Path(__file__).resolve().parents[1],
-        )
         pad = _padding()
         per_writer = LATENCY_RATE / LATENCY_WRITERS
         events_per_tx = LATENCY_EVENTS_PER_TX
@@ -582,36 +735,26 @@ async def latency_in_workers(count: int, database_url: str, bootstrap: str, root
                 next_at += interval
 
         try:
-            assert consumer.stdout is not None
-            line = await asyncio.wait_for(asyncio.to_thread(consumer.stdout.readline), 30)
-            if line.strip() != b"ready":
-                raise RuntimeError("the latency consumer did not start")
+            await measuring_consumer.start(bootstrap, target.topic, arrivals_path)
             async with engine.connect() as warm:
                 await warm.execute(text("SELECT 1"))
             until = time.perf_counter() + LATENCY_WARMUP_S + LATENCY_SECONDS
             measure_from = time.time() + LATENCY_WARMUP_S
+
+            async def delay_at_measure_start() -> dict[float, float]:
+                await asyncio.sleep(LATENCY_WARMUP_S)
+                return await asyncio.to_thread(relay_delay_buckets, workers)
+
             with profiled(workers, f"latency-{count}"):
                 cpu = CpuSplit().start()
+                delay_before = asyncio.create_task(delay_at_measure_start())
                 await asyncio.gather(*(writer(i, until) for i in range(LATENCY_WRITERS)))
                 cpu.stop()
-            deadline = time.perf_counter() + 30
-            arrived: dict[str, tuple[float, float]] = {}
-            while time.perf_counter() < deadline:
-                arrived = _read_arrivals(arrivals_path)
-                if not set(committing) - set(arrived):
-                    break
-                await asyncio.sleep(0.2)
+            arrived = await wait_arrived(arrivals_path, committing)
+            acked = _window(await delay_before, relay_delay_buckets(workers))
         finally:
-            consumer.terminate()
-            try:
-                consumer.wait(10)
-            except subprocess.TimeoutExpired:
-                consumer.kill()
-                consumer.wait()
+            measuring_consumer.stop()
             await engine.dispose()
-    missing = set(committing) - set(arrived)
-    if missing:
-        raise RuntimeError(f"{len(missing)} events never arrived on the topic")
     measured = [i for i, t in committing.items() if t >= measure_from]
     total = [(arrived[i][0] - committing[i]) * 1000 for i in measured]
     pickup = [(arrived[i][1] - committing[i]) * 1000 for i in measured]
@@ -622,6 +765,9 @@ async def latency_in_workers(count: int, database_url: str, bootstrap: str, root
         count=len(total),
         pickup_p50=percentile(pickup, 50),
         pickup_p99=percentile(pickup, 99),
+        acked_p50=histogram_quantile(acked, 50) * 1000,
+        acked_p99=histogram_quantile(acked, 99) * 1000,
+        acked_batches=int(acked[-1][1]) if acked else 0,
         cpu=cpu,
     )
 
@@ -753,6 +899,21 @@ async def run(root: Path) -> list[Measurement]:
                 )
             )
 
+        _log(f"baseline: the broker alone at {LATENCY_RATE:,} events/s")
+        alone = await broker_latency(settings, broker.bootstrap, root)
+        results.append(
+            Measurement(
+                "(c) baseline",
+                f"broker alone, send to ack p50 / p99, {LATENCY_RATE:,} events/s",
+                alone.ack_p99,
+                "ms",
+                note=(
+                    f"p50 {alone.ack_p50:.1f} ms; send to consumer p50 {alone.arrival_p50:.1f}"
+                    f" ms, p99 {alone.arrival_p99:.1f} ms, max {alone.arrival_worst:.1f} ms:"
+                    " the relay's traffic without database or relay"
+                ),
+            )
+        )
         for count in sorted({1, max(WORKER_COUNTS)}):
             _log(f"latency at {LATENCY_RATE:,} events/s, {count} worker(s)")
             # The drains left ~N dead index entries in front of the new rows; autovacuum
@@ -765,20 +926,33 @@ async def run(root: Path) -> list[Measurement]:
                 Measurement(
                     "(c) latency",
                     f"commit-to-topic p50, {rate_label}, {label}",
-                    lat.p50,
+                    lat.acked_p50,
                     "ms",
-                    note=f"commit to relay batch p50 {lat.pickup_p50:.1f} ms",
+                    note="write to broker ack (relay delay histogram, per batch's oldest row)",
                 )
             )
             results.append(
                 Measurement(
                     "(c) latency",
                     f"commit-to-topic p99, {rate_label}, {label}",
+                    lat.acked_p99,
+                    "ms",
+                    note=(
+                        f"{lat.acked_batches:,} batches; commit to relay batch (CreateTime) "
+                        f"p50 {lat.pickup_p50:.1f} ms, p99 {lat.pickup_p99:.1f} ms; "
+                        f"CPU cores: {lat.cpu.describe()}"
+                    ),
+                )
+            )
+            results.append(
+                Measurement(
+                    "(c) latency",
+                    f"commit-to-consumer p50 / p99, {rate_label}, {label}",
                     lat.p99,
                     "ms",
                     note=(
-                        f"commit to relay batch p99 {lat.pickup_p99:.1f} ms; max {lat.worst:.1f}"
-                        f" ms over {lat.count:,} events; CPU cores: {lat.cpu.describe()}"
+                        f"p50 {lat.p50:.1f} ms, max {lat.worst:.1f} ms over {lat.count:,} "
+                        "events: adds a consumer's fetch from Tansu (see PERFORMANCE.md)"
                     ),
                 )
             )

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import logging
 import sys
@@ -70,6 +71,13 @@ class HoldwallApp(faust.App):
         if settings.kafka_validate_on_startup:
             # After ensure_topics, so a fresh cluster's missing topics are not a failure.
             await validate_or_raise(settings)
+
+    async def on_started(self) -> None:
+        await super().on_started()
+        # What is alive once the worker runs (modules, Faust, the runtime) lives as long as
+        # the process. Frozen, the collector never walks it again: full collections of it
+        # measured 110-150 ms here, a pause every relay batch and pipeline batch would see.
+        gc.freeze()
 
     async def on_stop(self) -> None:
         await super().on_stop()

@@ -8,6 +8,26 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 disable_created_metrics()
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+# Write-to-acknowledge: fine below 100 ms, where a low-latency relay's p99 lives.
+DELAY_BUCKETS = (
+    0.005,
+    0.01,
+    0.02,
+    0.03,
+    0.04,
+    0.05,
+    0.075,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+    300,
+)
 BATCH_BUCKETS = (1, 5, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
 BREAKER_STATE_VALUES = {"closed": 0, "half_open": 1, "open": 2}
 
@@ -51,6 +71,13 @@ class Metrics:
             "kafka_outbox_publish_latency_seconds",
             "Produce-to-acknowledge time of a relayed batch",
             buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.outbox_relay_delay = Histogram(
+            "kafka_outbox_relay_delay_seconds",
+            "Per relayed batch, from its oldest row's write (the writing transaction's start, "
+            "database clock) to the broker's acknowledgement",
+            buckets=DELAY_BUCKETS,
             registry=r,
         )
         self.breaker_state = Gauge(

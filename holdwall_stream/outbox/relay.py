@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Collection
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
+from operator import attrgetter
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError, KafkaError, MessageSizeTooLargeError
@@ -34,6 +35,7 @@ from holdwall_stream.resilience.breaker import CircuitBreaker
 from holdwall_stream.settings import Settings
 
 log = logging.getLogger(__name__)
+_written_at = attrgetter("written_at")
 
 RATE_WINDOW_S = 60.0
 # How long one drain() pass keeps taking batches from a partition with a backlog before it
@@ -169,6 +171,8 @@ class OutboxRelay:
                 await sender.finish()
                 sent = len(sendable)
                 self._metrics.outbox_publish_latency.observe(time.perf_counter() - started)
+                oldest = min(map(_written_at, claimed))
+                self._metrics.outbox_relay_delay.observe(max(0.0, time.time() - oldest))
         except Exception as exc:
             if claimed:
                 await self._record_failure(claimed, f"{type(exc).__name__}: {exc}")

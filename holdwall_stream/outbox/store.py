@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from functools import lru_cache
 from operator import attrgetter
 
-from sqlalchemy import BigInteger, Integer, LargeBinary, Text, Uuid, bindparam, text
+from sqlalchemy import BigInteger, Float, Integer, LargeBinary, Text, Uuid, bindparam, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -54,7 +54,8 @@ PG_CLAIM = f"""
         WHERE partition = (SELECT partition FROM locked) AND {_UNPUBLISHED}
         ORDER BY id LIMIT %(limit)s
     )
-    RETURNING id, event_id::text AS event_id, key, payload, headers::text AS headers, attempts
+    RETURNING id, event_id::text AS event_id, key, payload, headers::text AS headers, attempts,
+              extract(epoch FROM created_at)::float8 AS written_at
     """
 _SQLITE_CLAIM = text(
     f"""
@@ -63,7 +64,8 @@ _SQLITE_CLAIM = text(
         SELECT id FROM outbox WHERE partition = :partition AND {_UNPUBLISHED}
         ORDER BY id LIMIT :limit
     )
-    RETURNING id, event_id, key, payload, headers, attempts
+    RETURNING id, event_id, key, payload, headers, attempts,
+              (julianday(created_at) - 2440587.5) * 86400.0 AS written_at
     """
 )
 _TIMESTAMP = Timestamp
@@ -74,19 +76,30 @@ _SQLITE_ROW_TYPES = {
     "payload": LargeBinary,
     "headers": Text,
     "attempts": Integer,
+    "written_at": Float,
 }
 
 
 class ClaimedRow:
     """One claimed outbox row, as cheap to build as possible (thousands per batch).
 
-    ``headers_json`` is the column's JSON text: the headers besides ``event-id``, which
+    ``written_at`` is the row's created_at (the writing transaction's start) in epoch
+    seconds. ``headers_json`` is the column's JSON text: the headers besides ``event-id``, which
     comes from the ``event_id`` column. ``rough_size`` bounds :attr:`size` from above
     (JSON text is never shorter than the names and values it holds), so the exact size is
     only worked out near the limit.
     """
 
-    __slots__ = ("attempts", "event_id", "headers_json", "id", "key", "payload", "rough_size")
+    __slots__ = (
+        "attempts",
+        "event_id",
+        "headers_json",
+        "id",
+        "key",
+        "payload",
+        "rough_size",
+        "written_at",
+    )
 
     def __init__(
         self,
@@ -96,6 +109,7 @@ class ClaimedRow:
         payload: bytes,
         headers_json: str | None,
         attempts: int,
+        written_at: float,
     ) -> None:
         self.id = id
         self.event_id = event_id
@@ -103,6 +117,7 @@ class ClaimedRow:
         self.payload = payload
         self.headers_json = headers_json
         self.attempts = attempts
+        self.written_at = written_at  # epoch seconds, the database's clock
         self.rough_size = (
             len(key)
             + len(payload)
@@ -192,8 +207,8 @@ async def claim_batch(connection: AsyncConnection, partition: int, limit: int) -
             {"partition": partition, "limit": limit, "now": datetime.now(UTC)},
         )
         rows = [
-            ClaimedRow(row_id, str(event_id), key, payload, headers, attempts)
-            for row_id, event_id, key, payload, headers, attempts in result
+            ClaimedRow(row_id, str(event_id), key, payload, headers, attempts, written_at)
+            for row_id, event_id, key, payload, headers, attempts, written_at in result
         ]
     rows.sort(key=_row_id)
     return rows

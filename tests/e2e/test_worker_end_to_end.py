@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.processes import WorkerProcess, wait_until_async
 from tests.support.worker_env import consume_all, get_json, post_json, query, worker_env
@@ -46,3 +48,15 @@ async def test_posted_events_reach_topic_pipeline_and_are_marked_published(
         published = await query(database_url, "SELECT published FROM outbox")
         assert len(published) == 12
         assert all(row[0] for row in published)
+
+        # The relay delay (write to broker acknowledgement) was observed for those batches,
+        # on the same clock as the database's, so it is small and never negative.
+        with urllib.request.urlopen(f"{worker.base_url}/api/metrics", timeout=10) as response:
+            families = {f.name: f for f in text_string_to_metric_families(response.read().decode())}
+        delay = {s.name: s.value for s in families["kafka_outbox_relay_delay_seconds"].samples}
+        assert delay["kafka_outbox_relay_delay_seconds_count"] >= 1
+        assert (
+            0
+            < delay["kafka_outbox_relay_delay_seconds_sum"]
+            < 60 * delay["kafka_outbox_relay_delay_seconds_count"]
+        )

@@ -11,7 +11,7 @@ EVENT_ID = "4f6f3c2e-8a61-4df4-9a3e-7f0b6a1c2d3e"
 
 def _row(headers: dict[str, object] | None, payload: bytes = b"{}") -> ClaimedRow:
     text = json.dumps(headers) if headers is not None else None
-    return ClaimedRow(7, EVENT_ID, b"order-42", payload, text, 0)
+    return ClaimedRow(7, EVENT_ID, b"order-42", payload, text, 0, 0.0)
 
 
 def test_the_event_id_header_comes_from_its_column_and_goes_first() -> None:
