@@ -8,52 +8,9 @@ from __future__ import annotations
 
 import math
 import os
-import secrets
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
-
-import psycopg
-from psycopg import sql
-from sqlalchemy.engine import URL, make_url
-
-
-def admin_url() -> URL:
-    raw = os.environ.get("TEST_DATABASE_URL")
-    if raw:
-        return make_url(raw).set(drivername="postgresql")
-    host = os.environ.get("PGHOST") or "127.0.0.1"
-    socket_dir = host.startswith("/")
-    return URL.create(
-        "postgresql",
-        username=os.environ.get("PGUSER") or "postgres",
-        password=os.environ.get("PGPASSWORD") or None,
-        host=None if socket_dir else host,
-        port=int(os.environ.get("PGPORT") or 5432),
-        database=os.environ.get("PGDATABASE") or "postgres",
-        query={"host": host} if socket_dir else {},
-    )
-
-
-def render(url: URL) -> str:
-    return url.render_as_string(hide_password=False)
-
-
-@contextmanager
-def fresh_pg_database(prefix: str = "holdwall_bench") -> Iterator[str]:
-    """Creates an empty database, yields its ``postgresql://`` URL, drops it afterwards."""
-    admin = admin_url()
-    name = f"{prefix}_{secrets.token_hex(4)}"
-    with psycopg.connect(render(admin), autocommit=True, connect_timeout=5) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    try:
-        yield render(admin.set(database=name))
-    finally:
-        with psycopg.connect(render(admin), autocommit=True, connect_timeout=5) as conn:
-            conn.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-            )
 
 
 def percentile(values: Sequence[float], q: float) -> float:

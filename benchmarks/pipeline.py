@@ -42,7 +42,7 @@ import psycopg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.partitioner import DefaultPartitioner
 
-from benchmarks.common import Measurement, fresh_pg_database, render_table
+from benchmarks.common import Measurement, render_table
 from holdwall_stream.db.engine import create_engine
 from holdwall_stream.db.schema import init_schema
 from holdwall_stream.embedded import EmbeddedBroker, stop_process_group, worker_command
@@ -54,6 +54,7 @@ from holdwall_stream.pipeline.envelope import EVENT_ID_HEADER, EventEnvelope, en
 from holdwall_stream.pipeline.handlers import HandlerRegistry
 from holdwall_stream.pipeline.processor import EventProcessor
 from holdwall_stream.settings import Settings, load_settings
+from tests.support.pg import admin_url, fresh_database
 
 N_EVENTS = int(os.environ.get("BENCH_PIPELINE_EVENTS", "200000"))
 N_KEYS = 1000
@@ -324,7 +325,7 @@ async def run(tmp: Path) -> list[Measurement]:
     results: list[Measurement] = []
     with (
         EmbeddedBroker(log_path=tmp / "tansu.log") as broker,
-        fresh_pg_database("holdwall_bench_pipeline") as database_url,
+        fresh_database(admin_url(), "holdwall_bench_pipeline") as database_url,
     ):
         suffix = uuid.uuid4().hex[:8]
         settings = _settings(database_url, broker.bootstrap, suffix)

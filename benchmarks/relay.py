@@ -56,7 +56,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from benchmarks.common import (
     CpuSplit,
     Measurement,
-    fresh_pg_database,
     histogram_quantile,
     percentile,
     render_table,
@@ -72,6 +71,7 @@ from holdwall_stream.outbox.relay import OutboxRelay
 from holdwall_stream.outbox.writer import OUTBOX_CHANNEL, NewEvent, OutboxTarget, store_events
 from holdwall_stream.resilience.breaker import CircuitBreaker
 from holdwall_stream.settings import Settings, load_settings
+from tests.support.pg import admin_url, fresh_database
 
 N_EVENTS = int(os.environ.get("BENCH_RELAY_EVENTS", "200000"))
 N_KEYS = 1000
@@ -697,8 +697,8 @@ async def latency_in_workers(count: int, database_url: str, bootstrap: str, root
     """Commit-to-topic latency at LATENCY_RATE events/s from ``count`` worker processes.
 
     Writers (this process) insert with store_events, LATENCY_WRITERS of them,
-    LATENCY_EVENTS_PER_TX events per transaction (20: store_events costs about 1.1 ms of
-    CPU per event in transactions of 5, which would starve the 2-CPU machine under test),
+    LATENCY_EVENTS_PER_TX events per transaction (20: smaller transactions cost the
+    writers more CPU per event, which the 2-CPU machine under test would feel),
     on a fixed schedule; each event's data carries its write time ``t`` and
     the wall-clock moment just before its COMMIT is kept. A consumer process records when
     each record arrives; latency = arrival - that moment (so it includes the commit).
@@ -791,7 +791,7 @@ async def run(root: Path) -> list[Measurement]:
     results: list[Measurement] = []
     with (
         EmbeddedBroker(log_path=root / "tansu.log") as broker,
-        fresh_pg_database() as database_url,
+        fresh_database(admin_url(), "holdwall_bench") as database_url,
     ):
         suffix = secrets.token_hex(3)
         settings = _settings(database_url, broker.bootstrap, suffix)

@@ -7,17 +7,18 @@ it is unreachable the tests fail, they are never skipped.
 
 from __future__ import annotations
 
-import os
-import secrets
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
-from psycopg import sql
-from sqlalchemy.engine import URL, make_url
+from sqlalchemy.ext.asyncio import AsyncEngine
 
+from holdwall_stream.db.engine import create_engine
+from holdwall_stream.db.schema import init_schema
 from holdwall_stream.embedded import EmbeddedBroker
+from holdwall_stream.settings import load_settings
+from tests.support.pg import admin_url, fresh_database, render
 
 
 @pytest.fixture(scope="session")
@@ -28,54 +29,17 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield broker.bootstrap
 
 
-def _admin_url() -> URL:
-    raw = os.environ.get("TEST_DATABASE_URL")
-    if raw:
-        return make_url(raw).set(drivername="postgresql")
-    host = os.environ.get("PGHOST") or "127.0.0.1"
-    socket_dir = host.startswith("/")
-    return URL.create(
-        "postgresql",
-        username=os.environ.get("PGUSER") or "postgres",
-        password=os.environ.get("PGPASSWORD") or None,
-        host=None if socket_dir else host,
-        port=int(os.environ.get("PGPORT") or 5432),
-        database=os.environ.get("PGDATABASE") or "postgres",
-        query={"host": host} if socket_dir else {},
-    )
-
-
-def _render(url: URL) -> str:
-    return url.render_as_string(hide_password=False)
-
-
-def _create_database(admin: URL) -> URL:
-    name = f"holdwall_test_{secrets.token_hex(6)}"
-    with psycopg.connect(_render(admin), autocommit=True, connect_timeout=5) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    return admin.set(database=name)
-
-
-def _drop_database(admin: URL, database: URL) -> None:
-    with psycopg.connect(_render(admin), autocommit=True, connect_timeout=5) as conn:
-        conn.execute(
-            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                sql.Identifier(database.database or "")
-            )
-        )
-
-
 @pytest.fixture(scope="session")
 def pg_admin_url() -> str:
     """The admin connection URL; fails the tests loudly if PostgreSQL cannot be reached."""
-    admin = _admin_url()
+    admin = admin_url()
     try:
-        with psycopg.connect(_render(admin), autocommit=True, connect_timeout=5) as conn:
+        with psycopg.connect(render(admin), autocommit=True, connect_timeout=5) as conn:
             conn.execute("SELECT 1")
     except psycopg.OperationalError as exc:
         problem = " ".join(str(exc).split())
     else:
-        return _render(admin)
+        return render(admin)
     pytest.fail(
         f"PostgreSQL unreachable at {admin.render_as_string(hide_password=True)}: {problem} "
         f"(set TEST_DATABASE_URL or PGHOST/PGPORT/PGUSER/PGPASSWORD)",
@@ -86,12 +50,8 @@ def pg_admin_url() -> str:
 @pytest.fixture(scope="session")
 def pg_database_url(pg_admin_url: str) -> Iterator[str]:
     """A fresh database for the session, ``postgresql://user@host:port/holdwall_test_…``."""
-    admin = make_url(pg_admin_url)
-    database = _create_database(admin)
-    try:
-        yield _render(database)
-    finally:
-        _drop_database(admin, database)
+    with fresh_database(pg_admin_url) as url:
+        yield url
 
 
 @pytest.fixture
@@ -105,9 +65,17 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path}/holdwall.db"
         return
-    admin = make_url(request.getfixturevalue("pg_admin_url"))
-    database = _create_database(admin)
+    with fresh_database(request.getfixturevalue("pg_admin_url")) as url:
+        yield url
+
+
+@pytest.fixture
+async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
+    """An async engine on ``database_url`` with the schema created (modules needing more
+    of their database define their own)."""
+    engine = create_engine(load_settings(database_url=database_url))
+    await init_schema(engine)
     try:
-        yield _render(database)
+        yield engine
     finally:
-        _drop_database(admin, database)
+        await engine.dispose()

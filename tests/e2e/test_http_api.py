@@ -21,7 +21,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.engine import make_url
 
-from tests.conftest import _create_database, _drop_database
+from tests.support.pg import create_database, drop_database, render
 from tests.support.processes import WorkerProcess
 from tests.support.worker_env import get_json, post_json, query
 
@@ -67,8 +67,8 @@ def api(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
         database_url = f"sqlite:///{workdir}/holdwall.db"
     else:
         admin = make_url(request.getfixturevalue("pg_admin_url"))
-        database = _create_database(admin)
-        database_url = database.render_as_string(hide_password=False)
+        database = create_database(admin)
+        database_url = render(database)
     env = {
         "KAFKA_ENABLED": "false",
         "DATABASE_URL": database_url,
@@ -84,7 +84,7 @@ def api(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
             yield Api(worker, database_url)
     finally:
         if admin is not None and database is not None:
-            _drop_database(admin, database)
+            drop_database(admin, database)
 
 
 def _event(aggregate_id: str = "order-42", **fields: Any) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from aiokafka.structs import ConsumerRecord
 
 from holdwall_stream.embedded import EmbeddedBroker, free_port
 from holdwall_stream.outbox.writer import OutboxTarget, partition_for_key
+from tests.support.pg import fresh_database
 from tests.support.processes import WorkerProcess, wait_until_async
 from tests.support.relay_harness import (
     KeyedWriter,
@@ -30,7 +31,6 @@ from tests.support.relay_harness import (
     declare_topics,
     engine_for,
     event_id_of,
-    fresh_pg_database,
     health,
     keep_writing,
     settings_from_env,
@@ -84,7 +84,7 @@ async def steady_run(
     two more workers join while they write, so partitions move between workers mid-flow.
     Then everything written is read back from the topic."""
     root = tmp_path_factory.mktemp("steady")
-    with fresh_pg_database(pg_admin_url) as database_url:
+    with fresh_database(pg_admin_url) as database_url:
         env = worker_env(kafka_bootstrap, database_url)
         workers = [WorkerProcess(env, root / f"w{i}") for i in range(3)]
         writer = KeyedWriter(_target(env))
@@ -167,7 +167,7 @@ _BACKLOG = "SELECT count(*) FROM outbox WHERE published = false AND dead_lettere
 async def test_kill_9_mid_batch_then_restart_loses_nothing_and_keeps_order(
     kafka_bootstrap: str, pg_admin_url: str, tmp_path: Path
 ) -> None:
-    with fresh_pg_database(pg_admin_url) as database_url:
+    with fresh_database(pg_admin_url) as database_url:
         env = worker_env(kafka_bootstrap, database_url, OUTBOX_BATCH_SIZE="500")
         writer = KeyedWriter(_target(env))
         async with engine_for(env) as engine:
@@ -235,7 +235,7 @@ async def test_broker_outage_loses_nothing_and_health_reports_it(
         port=free_port(), advertised_port=proxy.listen_port, log_path=tmp_path / "tansu.log"
     )
     proxy.target_port = broker.port
-    with proxy, broker, fresh_pg_database(pg_admin_url) as database_url:
+    with proxy, broker, fresh_database(pg_admin_url) as database_url:
         env = worker_env(
             proxy.address,
             database_url,
@@ -349,7 +349,7 @@ async def test_kafka_disabled_keeps_the_backlog_and_enabling_drains_it_in_order(
 async def test_oversized_row_goes_to_the_dlq_and_the_rest_keeps_flowing(
     kafka_bootstrap: str, pg_admin_url: str, tmp_path: Path
 ) -> None:
-    with fresh_pg_database(pg_admin_url) as database_url:
+    with fresh_database(pg_admin_url) as database_url:
         env = worker_env(kafka_bootstrap, database_url, KAFKA_MAX_MESSAGE_BYTES="2048")
         writer = KeyedWriter(_target(env))
         worker = WorkerProcess(env, tmp_path / "worker")

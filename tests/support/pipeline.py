@@ -16,10 +16,9 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.structs import RecordMetadata
-from sqlalchemy.engine import make_url
 
 from holdwall_stream.pipeline.envelope import EVENT_ID_HEADER, EventEnvelope, encode_envelope
-from tests.conftest import _create_database, _drop_database, _render
+from tests.support.pg import fresh_database
 from tests.support.processes import REPO_ROOT, WorkerDiedError, WorkerProcess
 from tests.support.worker_env import get_json, query
 
@@ -30,12 +29,8 @@ def database(dialect: str, pg_admin_url: str, directory: Path) -> Iterator[str]:
     if dialect == "sqlite":
         yield f"sqlite:///{directory}/holdwall.db"
         return
-    admin = make_url(pg_admin_url)
-    created = _create_database(admin)
-    try:
-        yield _render(created)
-    finally:
-        _drop_database(admin, created)
+    with fresh_database(pg_admin_url) as url:
+        yield url
 
 
 def event(

@@ -13,20 +13,16 @@ import asyncio
 import contextlib
 import json
 import random
-import secrets
 import signal
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Collection, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import psycopg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord
-from psycopg import sql
-from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from holdwall_stream.db.engine import create_engine
@@ -41,23 +37,6 @@ EVENT_TYPE = "relay.guarantee"
 
 
 # --- databases, settings, engines ------------------------------------------------------
-
-
-@contextlib.contextmanager
-def fresh_pg_database(admin_url: str) -> Iterator[str]:
-    """A new PostgreSQL database for one scenario, dropped afterwards."""
-    admin = make_url(admin_url)
-    name = f"holdwall_relay_{secrets.token_hex(5)}"
-    rendered = admin.render_as_string(hide_password=False)
-    with psycopg.connect(rendered, autocommit=True, connect_timeout=5) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    try:
-        yield admin.set(database=name).render_as_string(hide_password=False)
-    finally:
-        with psycopg.connect(rendered, autocommit=True, connect_timeout=5) as conn:
-            conn.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-            )
 
 
 def settings_from_env(env: dict[str, str]) -> Settings:

@@ -17,7 +17,7 @@ from holdwall_stream.db.engine import create_engine
 from holdwall_stream.db.models import Base
 from holdwall_stream.db.schema import DDL_FILES, TABLES_DIR, init_schema
 from holdwall_stream.settings import load_settings
-from tests.conftest import _create_database, _drop_database
+from tests.support.pg import create_database, drop_database, fresh_database
 
 
 def _engine(database_url: str) -> AsyncEngine:
@@ -39,12 +39,8 @@ def other_database_url(database_url: str, tmp_path: Path) -> Iterator[str]:
     if database_url.startswith("sqlite"):
         yield f"sqlite:///{tmp_path}/other.db"
         return
-    admin = make_url(database_url).set(database="postgres")
-    database = _create_database(admin)
-    try:
-        yield database.render_as_string(hide_password=False)
-    finally:
-        _drop_database(admin, database)
+    with fresh_database(make_url(database_url).set(database="postgres")) as url:
+        yield url
 
 
 def _describe(connection: Connection) -> dict[str, Any]:
@@ -118,7 +114,7 @@ async def test_init_schema_is_idempotent(engine: AsyncEngine) -> None:
 
 async def test_concurrent_init_schema_on_postgresql(pg_admin_url: str) -> None:
     admin = make_url(pg_admin_url)
-    database = _create_database(admin)
+    database = create_database(admin)
     engines = [_engine(database.render_as_string(hide_password=False)) for _ in range(3)]
     try:
         for _ in range(2):  # on an empty database, then on a complete one
@@ -126,7 +122,7 @@ async def test_concurrent_init_schema_on_postgresql(pg_admin_url: str) -> None:
             assert set((await _schema_of(engines[0])).keys()) == set(Base.metadata.tables)
     finally:
         await asyncio.gather(*(engine.dispose() for engine in engines))
-        _drop_database(admin, database)
+        drop_database(admin, database)
 
 
 async def test_tables_sql_executes_and_matches_the_models(

@@ -21,7 +21,7 @@ from holdwall_stream.outbox.writer import (
     store_events,
 )
 from holdwall_stream.settings import load_settings
-from tests.support.relay_harness import fresh_pg_database
+from tests.support.pg import fresh_database
 
 # One partition, so every row competes for the same lock and order.
 TARGET = OutboxTarget("claim-test", partitions=1)
@@ -29,7 +29,7 @@ TARGET = OutboxTarget("claim-test", partitions=1)
 
 @pytest.fixture
 async def pg(pg_admin_url: str) -> AsyncIterator[tuple[str, AsyncEngine]]:
-    with fresh_pg_database(pg_admin_url) as database_url:
+    with fresh_database(pg_admin_url) as database_url:
         engine = create_engine(load_settings(database_url=database_url))
         await init_schema(engine)
         async with engine.begin() as connection:

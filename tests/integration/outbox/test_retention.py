@@ -8,15 +8,11 @@ operator) and the events table are never touched.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
-import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from holdwall_stream.db.engine import create_engine
-from holdwall_stream.db.schema import init_schema
 from holdwall_stream.messaging.producer import KafkaProducer
 from holdwall_stream.messaging.topics import ensure_topics
 from holdwall_stream.observability.metrics import Metrics
@@ -39,16 +35,6 @@ def _relay(
     metrics = Metrics()
     producer = producer or KafkaProducer(settings, metrics)
     return OutboxRelay(settings, engine, producer, CircuitBreaker(), metrics)
-
-
-@pytest.fixture
-async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
-    engine = create_engine(load_settings(database_url=database_url))
-    await init_schema(engine)
-    try:
-        yield engine
-    finally:
-        await engine.dispose()
 
 
 async def _store(engine: AsyncEngine, settings: Settings, count: int, key: str = "k") -> None:

@@ -5,13 +5,9 @@ from __future__ import annotations
 
 import secrets
 import uuid
-from collections.abc import AsyncIterator
 
-import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from holdwall_stream.db.engine import create_engine
-from holdwall_stream.db.schema import init_schema
 from holdwall_stream.messaging import dead_letter as h
 from holdwall_stream.messaging.producer import KafkaProducer
 from holdwall_stream.messaging.topics import ensure_topics
@@ -21,16 +17,6 @@ from holdwall_stream.pipeline.dlq import DlqMessage
 from holdwall_stream.pipeline.envelope import EVENT_ID_HEADER
 from holdwall_stream.settings import load_settings
 from tests.support.worker_env import consume_all
-
-
-@pytest.fixture
-async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
-    engine = create_engine(load_settings(database_url=database_url))
-    await init_schema(engine)
-    try:
-        yield engine
-    finally:
-        await engine.dispose()
 
 
 def dead_letter(offset: int, **headers: str) -> DlqMessage:

@@ -11,7 +11,7 @@ import asyncio
 import secrets
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -37,6 +37,7 @@ from holdwall_stream.pipeline.handlers import (
 from holdwall_stream.pipeline.processor import EventProcessor, IncomingMessage
 from holdwall_stream.settings import Settings, load_settings
 from tests.support.flaky_handlers import effects_table_ddl, record_effect
+from tests.support.pipeline import event as envelope
 from tests.support.worker_env import consume_all
 
 EVENTS_TOPIC = "events-under-test"
@@ -101,18 +102,6 @@ def make_processor(settings: Settings, engine: AsyncEngine, producer: KafkaProdu
 
 
 _offsets = iter(range(10**9))
-
-
-def envelope(
-    event_type: str = "order.created", aggregate_id: str = "order-1", **data: Any
-) -> EventEnvelope:
-    return EventEnvelope(
-        id=uuid.uuid4(),
-        type=event_type,
-        aggregate_id=aggregate_id,
-        occurred_at=datetime.now(UTC),
-        data=data,
-    )
 
 
 def message(
