@@ -23,10 +23,10 @@ from holdwall_stream.messaging import dead_letter as h
 from holdwall_stream.pipeline.envelope import EVENT_ID_HEADER
 from tests.support.pipeline import (
     as_message,
-    assigned_partitions,
     consumer_check,
     database,
     event,
+    pipeline_worker,
     processed_ids,
     produce,
     run_cli,
@@ -79,13 +79,7 @@ async def running(
             FLAKY_MARKER=str(marker),
             FLAKY_EFFECTS=str(effects),
         )
-        with WorkerProcess(env, workdir / "worker") as worker:
-            await worker.wait_for_http_async("/api/health", timeout=90, status={200})
-            await wait_until_async(
-                lambda: assigned_partitions(worker) == {0, 1, 2},
-                timeout=60,
-                message="pipeline partitions assigned",
-            )
+        async with pipeline_worker(env, workdir / "worker") as worker:
             yield Running(worker, env, url, kafka_bootstrap, marker, effects)
 
 

@@ -31,11 +31,11 @@ from holdwall_stream.pipeline.envelope import (
 )
 from tests.support.pipeline import (
     Message,
-    assigned_partitions,
     consumer_check,
     database,
     event,
     health,
+    pipeline_worker,
     processed_ids,
     produce,
     scalar,
@@ -82,13 +82,7 @@ async def running(
     workdir: Path = tmp_path_factory.mktemp(f"properties-{request.param}")
     with database(request.param, pg_admin_url, workdir) as url:
         env = worker_env(kafka_bootstrap, url)
-        with WorkerProcess(env, workdir / "worker") as worker:
-            await worker.wait_for_http_async("/api/health", timeout=90, status={200})
-            await wait_until_async(
-                lambda: assigned_partitions(worker) == {0, 1, 2},
-                timeout=60,
-                message="pipeline partitions assigned",
-            )
+        async with pipeline_worker(env, workdir / "worker") as worker:
             yield Running(worker, env, url, kafka_bootstrap)
 
 

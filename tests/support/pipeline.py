@@ -8,8 +8,8 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ from aiokafka.structs import RecordMetadata
 
 from holdwall_stream.pipeline.envelope import EVENT_ID_HEADER, EventEnvelope, encode_envelope
 from tests.support.pg import fresh_database
-from tests.support.processes import REPO_ROOT, WorkerDiedError, WorkerProcess
+from tests.support.processes import REPO_ROOT, WorkerDiedError, WorkerProcess, wait_until_async
 from tests.support.worker_env import get_json, query
 
 
@@ -92,6 +92,22 @@ def assigned_partitions(worker: WorkerProcess) -> set[int]:
                 f"worker exited with code {worker.returncode}; log tail:\n{worker.log_tail()}"
             ) from None
         return set()
+
+
+@asynccontextmanager
+async def pipeline_worker(
+    env: Mapping[str, str], workdir: Path, partitions: frozenset[int] = frozenset({0, 1, 2})
+) -> AsyncIterator[WorkerProcess]:
+    """A worker started with ``env``, once healthy and holding ``partitions`` of the events
+    topic (the default KAFKA_PARTITIONS), so what a test produces is consumed at once."""
+    with WorkerProcess(env, workdir) as worker:
+        await worker.wait_for_http_async("/api/health", timeout=90, status={200})
+        await wait_until_async(
+            lambda: assigned_partitions(worker) == partitions,
+            timeout=60,
+            message="pipeline partitions assigned",
+        )
+        yield worker
 
 
 def split_evenly(workers: Sequence[WorkerProcess], partitions: int) -> bool:
