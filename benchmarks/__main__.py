@@ -1,13 +1,18 @@
 """`python -m benchmarks [name ...]`: runs every benchmark module listed in MODULES, in order.
 
 Each module exposes ``main() -> int`` that prints its own table and returns non-zero when
-a floor is missed. Naming modules (``relay``, ``pipeline``) runs only those.
+a floor is missed. Naming modules (``relay``, ``pipeline``) runs only those. In-process
+measurements run on the event loop the worker would use (uvloop unless FAUST_LOOP says
+otherwise), so that they and the worker processes measure the same thing.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+
+from holdwall_stream.event_loop import use_preferred_loop
 
 MODULES: tuple[str, ...] = ("benchmarks.relay", "benchmarks.pipeline")
 
@@ -22,6 +27,7 @@ def main(argv: list[str]) -> int:
             file=sys.stderr,
         )
         return 2
+    use_preferred_loop(os.environ)
     status = 0
     for name in MODULES:
         if wanted and name.rsplit(".", 1)[-1] not in wanted:

@@ -46,6 +46,7 @@ from benchmarks.common import Measurement, render_table
 from holdwall_stream.db.engine import create_engine
 from holdwall_stream.db.schema import init_schema
 from holdwall_stream.embedded import EmbeddedBroker, stop_process_group, worker_command
+from holdwall_stream.event_loop import implementation_name
 from holdwall_stream.messaging.producer import KafkaProducer
 from holdwall_stream.messaging.topics import ensure_topics
 from holdwall_stream.observability.metrics import Metrics
@@ -448,6 +449,7 @@ def main() -> int:
         render_table(
             f"Pipeline ({N_EVENTS:,} events of ~{PAYLOAD_BYTES} bytes, {N_KEYS:,} keys, "
             f"{PARTITIONS} partitions, PostgreSQL, {os.cpu_count()} CPUs, "
+            f"{implementation_name(asyncio.get_event_loop_policy())} event loop, "
             f"load average {load_at_start:.1f} at start)",
             results,
         )

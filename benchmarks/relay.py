@@ -63,6 +63,7 @@ from benchmarks.common import (
 from holdwall_stream.db.engine import create_engine
 from holdwall_stream.db.schema import init_schema
 from holdwall_stream.embedded import EmbeddedBroker
+from holdwall_stream.event_loop import implementation_name
 from holdwall_stream.messaging.producer import KafkaProducer
 from holdwall_stream.messaging.topics import ensure_topics
 from holdwall_stream.observability.metrics import Metrics
@@ -995,7 +996,8 @@ def main() -> int:
     print(
         render_table(
             f"Relay ({N_EVENTS:,} events, {N_KEYS:,} keys, {PARTITIONS} partitions, "
-            f"OUTBOX_BATCH_SIZE={batch_size:,}, {os.cpu_count()} CPUs)",
+            f"OUTBOX_BATCH_SIZE={batch_size:,}, {os.cpu_count()} CPUs, "
+            f"{implementation_name(asyncio.get_event_loop_policy())} event loop)",
             results,
         )
     )

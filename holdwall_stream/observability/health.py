@@ -14,6 +14,7 @@ from typing import Any
 
 from sqlalchemy import text
 
+from holdwall_stream.event_loop import running_loop_name
 from holdwall_stream.outbox.relay import OutboxRelay
 from holdwall_stream.resilience.breaker import CircuitBreaker
 from holdwall_stream.settings import Settings
@@ -103,6 +104,7 @@ async def build_report(
         status=status,
         body={
             "status": status,
+            "event_loop": running_loop_name(),
             "checks": {
                 "kafka": kafka_body,
                 "database": database,

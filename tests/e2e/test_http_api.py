@@ -77,6 +77,7 @@ def api(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
         "KAFKA_SASL_MECHANISM": "PLAIN",
         "KAFKA_SASL_USERNAME": "u",
         "KAFKA_SASL_PASSWORD": SASL_SECRET,
+        "FAUST_LOOP": "aio",  # the operator's choice of loop wins over uvloop
     }
     try:
         with WorkerProcess(env, workdir / "worker") as worker:
@@ -254,6 +255,7 @@ async def test_body_over_api_max_body_bytes_is_413(api: Api, chunked: bool) -> N
 async def test_health_with_kafka_disabled_is_degraded_and_the_backlog_grows(api: Api) -> None:
     health = api.health()
     assert health["status"] == "degraded"
+    assert health["event_loop"] == "asyncio", "FAUST_LOOP=aio was set"
     checks = health["checks"]
     assert checks["kafka"]["status"] == "disabled"
     assert checks["database"]["status"] == "ok"

@@ -24,6 +24,7 @@ async def test_posted_events_reach_topic_pipeline_and_are_marked_published(
         status, health = get_json(f"{worker.base_url}/api/health")
         assert status == 200, health
         assert health["checks"]["kafka"]["status"] == "ok"
+        assert health["event_loop"] == "uvloop", "the worker runs on uvloop by default"
 
         events = [
             {"type": "order.created", "aggregate_id": f"order-{i % 3}", "data": {"n": i}}
