@@ -41,11 +41,11 @@ def use_preferred_loop(environ: Mapping[str, str]) -> None:
 
 
 def running_loop_name() -> str:
-    """ "uvloop" or "asyncio": what /api/health reports, so an operator can check."""
+    """The running loop's implementation, as /api/health reports it for operators."""
     return implementation_name(asyncio.get_running_loop())
 
 
 def implementation_name(loop_or_policy: object) -> str:
-    """ "uvloop" for uvloop's loop or loop policy, else "asyncio"."""
+    """uvloop for uvloop's loop or loop policy, else asyncio."""
     module = type(loop_or_policy).__module__
     return PREFERRED_LOOP if module.startswith(PREFERRED_LOOP) else "asyncio"
