@@ -130,7 +130,9 @@ _PG_STORE = f"""
 async def _store_postgresql(
     connection: AsyncConnection, envelopes: list[EventEnvelope], target: OutboxTarget
 ) -> set[uuid.UUID]:
-    keys = [envelope.aggregate_id.encode() for envelope in envelopes]
+    # The same outbox rows as on SQLite (one place decides key, partition, payload,
+    # headers), passed as columns.
+    outbox_rows = [_outbox_row(envelope, target) for envelope in envelopes]
     parameters = {
         "ids": [envelope.id for envelope in envelopes],
         "types": [envelope.type for envelope in envelopes],
@@ -139,10 +141,10 @@ async def _store_postgresql(
         "versions": [envelope.schema_version for envelope in envelopes],
         "data": [json.dumps(envelope.data) for envelope in envelopes],
         "topic": target.topic,
-        "partitions": [partition_for_key(key, target.partitions) for key in keys],
-        "keys": keys,
-        "payloads": [encode_envelope(envelope) for envelope in envelopes],
-        "headers": [json.dumps(_headers(envelope)) for envelope in envelopes],
+        "partitions": [row["partition"] for row in outbox_rows],
+        "keys": [row["key"] for row in outbox_rows],
+        "payloads": [row["payload"] for row in outbox_rows],
+        "headers": [json.dumps(row["headers"]) for row in outbox_rows],
     }
     driver = await psycopg_connection(connection)
     async with driver.cursor() as cursor:
