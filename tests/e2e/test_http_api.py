@@ -19,9 +19,8 @@ from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy.engine import make_url
 
-from tests.support.pg import create_database, drop_database, render
+from tests.support.pipeline import database
 from tests.support.processes import WorkerProcess
 from tests.support.worker_env import get_json, post_json, query
 
@@ -62,30 +61,21 @@ class Api:
 @pytest.fixture(scope="module", params=["postgresql", "sqlite"])
 def api(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
     workdir = tmp_path_factory.mktemp(f"http-{request.param}")
-    admin = database = None
-    if request.param == "sqlite":
-        database_url = f"sqlite:///{workdir}/holdwall.db"
-    else:
-        admin = make_url(request.getfixturevalue("pg_admin_url"))
-        database = create_database(admin)
-        database_url = render(database)
-    env = {
-        "KAFKA_ENABLED": "false",
-        "DATABASE_URL": database_url,
-        "API_MAX_BATCH": str(MAX_BATCH),
-        "API_MAX_BODY_BYTES": str(MAX_BODY_BYTES),
-        "KAFKA_SASL_MECHANISM": "PLAIN",
-        "KAFKA_SASL_USERNAME": "u",
-        "KAFKA_SASL_PASSWORD": SASL_SECRET,
-        "FAUST_LOOP": "aio",  # the operator's choice of loop wins over uvloop
-    }
-    try:
+    pg_admin_url = request.getfixturevalue("pg_admin_url")
+    with database(request.param, pg_admin_url, workdir) as database_url:
+        env = {
+            "KAFKA_ENABLED": "false",
+            "DATABASE_URL": database_url,
+            "API_MAX_BATCH": str(MAX_BATCH),
+            "API_MAX_BODY_BYTES": str(MAX_BODY_BYTES),
+            "KAFKA_SASL_MECHANISM": "PLAIN",
+            "KAFKA_SASL_USERNAME": "u",
+            "KAFKA_SASL_PASSWORD": SASL_SECRET,
+            "FAUST_LOOP": "aio",  # the operator's choice of loop wins over uvloop
+        }
         with WorkerProcess(env, workdir / "worker") as worker:
             worker.wait_for_http("/api/health", timeout=60, status={200})
             yield Api(worker, database_url)
-    finally:
-        if admin is not None and database is not None:
-            drop_database(admin, database)
 
 
 def _event(aggregate_id: str = "order-42", **fields: Any) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from holdwall_stream.db.engine import create_engine
 from holdwall_stream.db.models import Base
 from holdwall_stream.db.schema import DDL_FILES, TABLES_DIR, init_schema
 from holdwall_stream.settings import load_settings
-from tests.support.pg import create_database, drop_database, fresh_database
+from tests.support.pg import fresh_database
 
 
 def _engine(database_url: str) -> AsyncEngine:
@@ -113,16 +113,14 @@ async def test_init_schema_is_idempotent(engine: AsyncEngine) -> None:
 
 
 async def test_concurrent_init_schema_on_postgresql(pg_admin_url: str) -> None:
-    admin = make_url(pg_admin_url)
-    database = create_database(admin)
-    engines = [_engine(database.render_as_string(hide_password=False)) for _ in range(3)]
-    try:
-        for _ in range(2):  # on an empty database, then on a complete one
-            await asyncio.gather(*(init_schema(engine) for engine in engines))
-            assert set((await _schema_of(engines[0])).keys()) == set(Base.metadata.tables)
-    finally:
-        await asyncio.gather(*(engine.dispose() for engine in engines))
-        drop_database(admin, database)
+    with fresh_database(pg_admin_url) as database_url:
+        engines = [_engine(database_url) for _ in range(3)]
+        try:
+            for _ in range(2):  # on an empty database, then on a complete one
+                await asyncio.gather(*(init_schema(engine) for engine in engines))
+                assert set((await _schema_of(engines[0])).keys()) == set(Base.metadata.tables)
+        finally:
+            await asyncio.gather(*(engine.dispose() for engine in engines))
 
 
 async def test_tables_sql_executes_and_matches_the_models(
