@@ -29,9 +29,9 @@ _UNPUBLISHED = "published = false AND dead_lettered_at IS NULL"
 # - It takes the partition's lock row (SKIP LOCKED: if another worker holds it, the claim
 #   finds nothing).
 # - It takes the partition's lowest unpublished ids that are committed (visible to the
-#   statement), in id order. Every claim starts at the lowest one, also the second and
-#   later claims of one relay transaction: starting after the last id claimed would let a
-#   row committed meanwhile with a lower id be overtaken by a later row of its key.
+#   statement), in id order. Every claim starts at the lowest one: starting after the last
+#   id an earlier claim took would let a row committed meanwhile with a lower id be
+#   overtaken by a later row of its key.
 #   Per key this is commit order: a writer that writes a key after the previous write of
 #   that key committed gets a higher id, and a statement that sees the later row sees the
 #   earlier one too. Nothing older has to end first, so a long transaction elsewhere never
