@@ -17,7 +17,6 @@ from collections import deque
 from collections.abc import AsyncIterator, Collection
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
-from operator import attrgetter
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError, KafkaError, MessageSizeTooLargeError
@@ -35,7 +34,6 @@ from holdwall_stream.resilience.breaker import CircuitBreaker
 from holdwall_stream.settings import Settings
 
 log = logging.getLogger(__name__)
-_written_at = attrgetter("written_at")
 
 RATE_WINDOW_S = 60.0
 # How long one drain() pass keeps taking batches from a partition with a backlog before it
@@ -171,7 +169,7 @@ class OutboxRelay:
                 await sender.finish()
                 sent = len(sendable)
                 self._metrics.outbox_publish_latency.observe(time.perf_counter() - started)
-                oldest = min(map(_written_at, claimed))
+                oldest = store.oldest_written_at(claimed)
                 self._metrics.outbox_relay_delay.observe(max(0.0, time.time() - oldest))
         except Exception as exc:
             if claimed:
@@ -189,41 +187,42 @@ class OutboxRelay:
     ) -> list[ClaimedRow]:
         """A row larger than the broker accepts would block its key forever: park it."""
         limit = self._settings.kafka_max_message_bytes
-        if store.all_fit(rows, limit):
+        too_large = store.oversized(rows, limit)
+        if not too_large:
             return rows
-        sendable = []
-        for row in rows:
-            if row.fits(limit):
-                sendable.append(row)
-                continue
-            reason = f"message of {row.size} bytes exceeds KAFKA_MAX_MESSAGE_BYTES={limit}"
+        for row in too_large:
+            row_id, event_id, key, _payload, _headers, attempts, _written_at = row
+            reason = (
+                f"message of {store.message_size(row)} bytes exceeds "
+                f"KAFKA_MAX_MESSAGE_BYTES={limit}"
+            )
             now = datetime.now(UTC)
             info = DeadLetterInfo(
                 source="outbox",
                 reason="too_large",
                 error_type="MessageSizeTooLarge",
                 error_message=reason,
-                attempts=row.attempts + 1,
+                attempts=attempts + 1,
                 first_failure_at=now,
                 last_failure_at=now,
-                event_id=row.event_id,
+                event_id=event_id.decode(),
                 original_topic=self._settings.kafka_events_topic,
                 original_partition=partition,
             )
             # The DLQ has the same size limit: the payload stays in the outbox row.
             await self._producer.send(
-                self._settings.kafka_dlq_topic, None, key=row.key, headers=info.headers()
+                self._settings.kafka_dlq_topic, None, key=key, headers=info.headers()
             )
-            await store.mark_dead_lettered(connection, row.id, reason)
+            await store.mark_dead_lettered(connection, row_id, reason)
             self._metrics.outbox_dead_lettered.inc()
             self._metrics.dlq_sent.labels(reason="too_large").inc()
-            log.error("Outbox row %d (event %s) sent to the DLQ: %s", row.id, row.event_id, reason)
-        return sendable
+            log.error("Outbox row %d (event %s) sent to the DLQ: %s", row_id, info.event_id, reason)
+        return [row for row in rows if row not in too_large]
 
     async def _record_failure(self, rows: list[ClaimedRow], error: str) -> None:
         try:
             async with self._engine.begin() as connection:
-                await store.record_failure(connection, [r.id for r in rows], error)
+                await store.record_failure(connection, store.row_ids(rows), error)
         except Exception:  # the database may be what failed; the rows stay unpublished anyway
             log.exception("Could not record the failed attempt on %d outbox rows", len(rows))
         self._metrics.outbox_publish_errors.inc(len(rows))
@@ -337,12 +336,13 @@ class _PartitionSender:
     async def send(self, rows: list[ClaimedRow]) -> None:
         batch = self._producer.create_batch()
         append = batch.append
-        for row in rows:
-            headers = row.kafka_headers()
-            while append(key=row.key, value=row.payload, timestamp=None, headers=headers) is None:
+        kafka_headers = store.kafka_headers
+        for row_id, event_id, key, payload, headers_json, _attempts, _written_at in rows:
+            headers = kafka_headers(event_id, headers_json)
+            while append(key=key, value=payload, timestamp=None, headers=headers) is None:
                 if not batch.record_count():
                     raise MessageSizeTooLargeError(
-                        f"outbox row {row.id} does not fit in an empty record batch"
+                        f"outbox row {row_id} does not fit in an empty record batch"
                     )
                 await self._enqueue(batch)
                 batch = self._producer.create_batch()

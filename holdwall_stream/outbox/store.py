@@ -12,8 +12,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
-from operator import attrgetter
+from operator import itemgetter
 
+from psycopg.types.string import ByteaBinaryLoader
 from sqlalchemy import BigInteger, Float, Integer, LargeBinary, Text, Uuid, bindparam, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -80,80 +81,66 @@ _SQLITE_ROW_TYPES = {
 }
 
 
-class ClaimedRow:
-    """One claimed outbox row, as cheap to build as possible (thousands per batch).
+# A claimed row as the driver returns it, in PG_CLAIM's RETURNING order:
+#   (id, event_id, key, payload, headers_json, attempts, written_at)
+# A batch is thousands of rows, so there is no object per row: the send loop unpacks the
+# tuples. event_id and headers_json (the headers column's JSON text: the headers besides
+# ``event-id``) come as UTF-8 bytes, as Kafka headers want them. written_at is the row's
+# created_at (the writing transaction's start) in epoch seconds, the database's clock.
+ClaimedRow = tuple[int, bytes, bytes, bytes, bytes | None, int, float]
 
-    ``written_at`` is the row's created_at (the writing transaction's start) in epoch
-    seconds. ``headers_json`` is the column's JSON text: the headers besides ``event-id``, which
-    comes from the ``event_id`` column. ``rough_size`` bounds :attr:`size` from above
-    (JSON text is never shorter than the names and values it holds), so the exact size is
-    only worked out near the limit.
+_ID, _EVENT_ID, _KEY, _PAYLOAD, _HEADERS_JSON, _ATTEMPTS, _WRITTEN_AT = range(7)
+_ids = itemgetter(_ID)
+_keys = itemgetter(_KEY)
+_payloads = itemgetter(_PAYLOAD)
+_headers_jsons = itemgetter(_HEADERS_JSON)
+_written_ats = itemgetter(_WRITTEN_AT)
+# The event-id header's name and value (a UUID's 36 characters).
+_EVENT_ID_HEADER_SIZE = len(EVENT_ID_HEADER) + 36
+
+
+def kafka_headers(event_id: bytes, headers_json: bytes | None) -> list[tuple[str, bytes]]:
+    """A row's Kafka headers: ``event-id`` from its column first, then the stored ones."""
+    return [(EVENT_ID_HEADER, event_id), *_other_headers(headers_json)]
+
+
+def message_size(row: ClaimedRow) -> int:
+    """Bytes on the wire, roughly: what the broker's message size limit compares."""
+    _id, event_id, key, payload, headers_json, _attempts, _written_at = row
+    headers = kafka_headers(event_id, headers_json)
+    return len(key) + len(payload) + sum(len(name.encode()) + len(v) for name, v in headers)
+
+
+def row_ids(rows: Sequence[ClaimedRow]) -> list[int]:
+    return list(map(_ids, rows))
+
+
+def oldest_written_at(rows: Sequence[ClaimedRow]) -> float:
+    return min(map(_written_ats, rows))
+
+
+def oversized(rows: Sequence[ClaimedRow], limit: int) -> list[ClaimedRow]:
+    """The rows whose message is over ``limit`` bytes (see :func:`message_size`).
+
+    First a bound for the whole batch from the largest key, payload and headers (three
+    passes in C, no Python per row; JSON text is never shorter than the names and values it
+    holds): the exact size is only worked out when that bound is over the limit.
     """
-
-    __slots__ = (
-        "attempts",
-        "event_id",
-        "headers_json",
-        "id",
-        "key",
-        "payload",
-        "rough_size",
-        "written_at",
+    if not rows:
+        return []
+    bound = (
+        max(map(len, map(_keys, rows)))
+        + max(map(len, map(_payloads, rows)))
+        + max(map(len, filter(None, map(_headers_jsons, rows))), default=0)
+        + _EVENT_ID_HEADER_SIZE
     )
-
-    def __init__(
-        self,
-        id: int,
-        event_id: str,
-        key: bytes,
-        payload: bytes,
-        headers_json: str | None,
-        attempts: int,
-        written_at: float,
-    ) -> None:
-        self.id = id
-        self.event_id = event_id
-        self.key = key
-        self.payload = payload
-        self.headers_json = headers_json
-        self.attempts = attempts
-        self.written_at = written_at  # epoch seconds, the database's clock
-        self.rough_size = (
-            len(key)
-            + len(payload)
-            + _EVENT_ID_HEADER_NAME_SIZE
-            + len(event_id)
-            + (len(headers_json) if headers_json else 0)
-        )
-
-    def fits(self, limit: int) -> bool:
-        """Whether the message is within ``limit`` bytes (see :attr:`size`)."""
-        return self.rough_size <= limit or self.size <= limit
-
-    @property
-    def size(self) -> int:
-        """Bytes on the wire, roughly: what the broker's message size limit compares."""
-        headers = sum(len(name.encode()) + len(value) for name, value in self.kafka_headers())
-        return len(self.key) + len(self.payload) + headers
-
-    def kafka_headers(self) -> list[tuple[str, bytes]]:
-        return [(EVENT_ID_HEADER, self.event_id.encode()), *_other_headers(self.headers_json)]
-
-    def __repr__(self) -> str:
-        return f"ClaimedRow(id={self.id}, event_id={self.event_id}, attempts={self.attempts})"
-
-
-def all_fit(rows: Sequence[ClaimedRow], limit: int) -> bool:
-    """Whether every row is within ``limit`` bytes (the cheap bound, exact only if needed)."""
-    return not rows or max(map(_rough_size, rows)) <= limit or all(r.fits(limit) for r in rows)
-
-
-_rough_size = attrgetter("rough_size")
-_EVENT_ID_HEADER_NAME_SIZE = len(EVENT_ID_HEADER)
+    if bound <= limit:
+        return []
+    return [row for row in rows if message_size(row) > limit]
 
 
 @lru_cache(maxsize=4096)
-def _other_headers(text: str | None) -> tuple[tuple[str, bytes], ...]:
+def _other_headers(text: bytes | None) -> tuple[tuple[str, bytes], ...]:
     """A row's headers besides ``event-id``, as Kafka wants them.
 
     Parsed once per distinct text: the writer stores only ``event-type`` here, so there
@@ -193,8 +180,8 @@ async def ensure_relay_locks(connection: AsyncConnection, partitions: int) -> No
 async def claim_batch(connection: AsyncConnection, partition: int, limit: int) -> list[ClaimedRow]:
     """Locks the partition and marks its next rows published, in the open transaction.
 
-    Returns the claimed rows in id order; none when another worker holds the partition
-    (it is relaying it right now).
+    Returns the claimed rows (see :data:`ClaimedRow`) in id order; none when another
+    worker holds the partition (it is relaying it right now).
     """
     if connection.dialect.name == "postgresql":
         rows = await _pg_claim(connection, partition, limit)
@@ -207,25 +194,29 @@ async def claim_batch(connection: AsyncConnection, partition: int, limit: int) -
             {"partition": partition, "limit": limit, "now": datetime.now(UTC)},
         )
         rows = [
-            ClaimedRow(row_id, str(event_id), key, payload, headers, attempts, written_at)
+            (
+                row_id,
+                str(event_id).encode(),
+                key,
+                payload,
+                None if headers is None else headers.encode(),
+                attempts,
+                written_at,
+            )
             for row_id, event_id, key, payload, headers, attempts, written_at in result
         ]
-    rows.sort(key=_row_id)
+    rows.sort(key=_ids)
     return rows
 
 
 async def _pg_claim(connection: AsyncConnection, partition: int, limit: int) -> list[ClaimedRow]:
-    # Binary results spare the hex decoding of bytea, and no SQLAlchemy result processing
-    # runs per row.
+    # Binary results spare the hex decoding of bytea; text columns stay the UTF-8 bytes they
+    # arrive as (Kafka headers are bytes), and no SQLAlchemy result processing runs per row.
     driver = await psycopg_connection(connection)
     async with driver.cursor(binary=True) as cursor:
+        cursor.adapters.register_loader("text", ByteaBinaryLoader)
         await cursor.execute(PG_CLAIM, {"partition": partition, "limit": limit})
-        rows = await cursor.fetchall()
-    return [ClaimedRow(*row) for row in rows]
-
-
-def _row_id(row: ClaimedRow) -> int:
-    return row.id
+        return await cursor.fetchall()
 
 
 async def record_failure(connection: AsyncConnection, ids: Sequence[int], error: str) -> None:

@@ -57,7 +57,7 @@ async def _claim(engine: AsyncEngine, limit: int = 100) -> list[store.ClaimedRow
 def _ns(claim: list[store.ClaimedRow]) -> list[int]:
     import json
 
-    return [json.loads(row.payload)["data"]["n"] for row in claim]
+    return [json.loads(payload)["data"]["n"] for _id, _eid, _key, payload, *_rest in claim]
 
 
 async def test_rows_are_claimed_in_the_order_their_transactions_commit(

@@ -106,7 +106,7 @@ async def test_dead_lettered_rows_are_kept_with_their_payload(
         )
     async with engine.connect() as connection, connection.begin():
         rows = await store.claim_batch(connection, partition, 10)
-        assert rows is not None and [r.id for r in rows] == [row_id]
+        assert store.row_ids(rows) == [row_id]
         await store.mark_dead_lettered(connection, row_id, "message of 2 MB exceeds the limit")
     await asyncio.sleep(1.2)
 
