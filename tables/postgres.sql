@@ -52,6 +52,8 @@ CREATE TABLE outbox (
 	UNIQUE (event_id)
 );
 
+CREATE INDEX ix_outbox_dead_lettered ON outbox (id) WHERE dead_lettered_at IS NOT NULL;
+
 CREATE INDEX ix_outbox_published_at ON outbox (published_at) WHERE published = true;
 
 CREATE INDEX ix_outbox_unpublished ON outbox (partition, id) WHERE published = false AND dead_lettered_at IS NULL;

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from sqlalchemy import text
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.schema import CreateIndex, CreateTable
 
@@ -20,11 +21,24 @@ _SCHEMA_LOCK_KEY = 0x686F6C64  # "hold"
 
 
 async def init_schema(engine: AsyncEngine) -> None:
-    """Creates missing tables and indexes; safe to run from several processes at once."""
+    """Creates missing tables and indexes; safe to run from several processes at once.
+
+    An index added in a later release is created on an existing table too (create_all
+    alone only builds the indexes of tables it creates). That build reads the table once
+    and holds writes back meanwhile: on a large table, create it beforehand with
+    CREATE INDEX CONCURRENTLY (the names and definitions are in tables/).
+    """
     async with engine.begin() as connection:
         if connection.dialect.name == "postgresql":
             await connection.execute(text(f"SELECT pg_advisory_xact_lock({_SCHEMA_LOCK_KEY})"))
-        await connection.run_sync(Base.metadata.create_all, checkfirst=True)
+        await connection.run_sync(_create_missing)
+
+
+def _create_missing(connection: Connection) -> None:
+    Base.metadata.create_all(connection, checkfirst=True)
+    for table in Base.metadata.sorted_tables:
+        for index in table.indexes:
+            index.create(connection, checkfirst=True)
 
 
 def render_ddl(dialect_name: str) -> str:

@@ -142,3 +142,46 @@ async def test_tables_sql_executes_and_matches_the_models(
 
     await init_schema(engine)  # a worker starting on a schema made from tables/*.sql
     assert await _schema_of(engine) == from_ddl
+
+
+async def test_an_index_added_later_is_created_on_an_existing_table(engine: AsyncEngine) -> None:
+    """A database made by an earlier release has the tables but not a newer index."""
+    await init_schema(engine)
+    async with engine.begin() as connection:
+        await connection.exec_driver_sql("DROP INDEX ix_outbox_dead_lettered")
+    assert "ix_outbox_dead_lettered" not in (await _schema_of(engine))["outbox"]["indexes"]
+
+    await init_schema(engine)
+    assert "ix_outbox_dead_lettered" in (await _schema_of(engine))["outbox"]["indexes"]
+
+
+async def test_counting_dead_lettered_rows_does_not_read_the_whole_outbox(
+    pg_admin_url: str,
+) -> None:
+    """The backlog refresh runs every few seconds in every worker, over an outbox that
+    keeps OUTBOX_RETENTION of published rows: PostgreSQL must answer it from the index."""
+    from holdwall_stream.outbox.store import backlog_stats
+
+    with fresh_database(pg_admin_url) as database_url:
+        engine = _engine(database_url)
+        try:
+            await init_schema(engine)
+            async with engine.begin() as connection:
+                await connection.exec_driver_sql(
+                    "INSERT INTO outbox (event_id, topic, partition, key, payload, headers, "
+                    "published, published_at, dead_lettered_at) "
+                    "SELECT gen_random_uuid(), 't', 0, 'k', 'v', '{}', mod(n, 1000) <> 0, now(), "
+                    "CASE WHEN mod(n, 1000) = 0 THEN now() END FROM generate_series(1, 20000) n"
+                )
+                await connection.exec_driver_sql("ANALYZE outbox")
+                plan = "\n".join(
+                    row[0]
+                    for row in await connection.exec_driver_sql(
+                        "EXPLAIN SELECT count(*) FROM outbox WHERE dead_lettered_at IS NOT NULL"
+                    )
+                )
+                stats = await backlog_stats(connection)
+        finally:
+            await engine.dispose()
+    assert "ix_outbox_dead_lettered" in plan and "Seq Scan" not in plan, plan
+    assert stats.dead_lettered == 20
