@@ -87,6 +87,8 @@ async def build_report(
             oldest_unpublished_age_s=stats.oldest_age_s,
             processing_rate_per_s=round(relay.publish_rate(), 2),
             dead_lettered=stats.dead_lettered,
+            # Counting a large backlog is expensive, so its figures can be some seconds old.
+            counted_s_ago=round(relay.backlog_age_s() or 0.0, 2),
             stuck_after_s=settings.outbox_stuck_after_s,
         )
         statuses.append("unhealthy" if stuck else "ok")

@@ -28,6 +28,7 @@ from holdwall_stream.messaging.dead_letter import DeadLetterInfo
 from holdwall_stream.messaging.producer import KafkaProducer
 from holdwall_stream.observability.metrics import Metrics
 from holdwall_stream.outbox import store
+from holdwall_stream.outbox.backlog import CachedBacklog
 from holdwall_stream.outbox.store import BacklogStats, ClaimedRow
 from holdwall_stream.resilience.backoff import backoff_delay
 from holdwall_stream.resilience.breaker import CircuitBreaker
@@ -62,6 +63,7 @@ class OutboxRelay:
         self._failures: dict[int, int] = {}
         self._retry_at: dict[int, float] = {}
         self._published_log: deque[tuple[float, int]] = deque()
+        self._backlog = CachedBacklog(self._count_backlog)
         self.last_error: str | None = None
         self.last_success_at: float | None = None
 
@@ -267,12 +269,20 @@ class OutboxRelay:
         return sum(n for _, n in recent) / max(1.0, min(RATE_WINDOW_S, now - recent[0][0]))
 
     async def backlog(self) -> BacklogStats:
-        async with self._engine.connect() as connection:
-            stats = await store.backlog_stats(connection)
+        """The backlog figures, recounted as often as their cost allows (outbox.backlog)."""
+        stats = await self._backlog.get()
         self._metrics.outbox_backlog.set(stats.backlog)
         self._metrics.outbox_oldest_age.set(stats.oldest_age_s or 0.0)
         self._metrics.outbox_rate.set(self.publish_rate())
         return stats
+
+    def backlog_age_s(self) -> float | None:
+        """Seconds since the figures :meth:`backlog` returns were counted."""
+        return self._backlog.age_s()
+
+    async def _count_backlog(self) -> BacklogStats:
+        async with self._engine.connect() as connection:
+            return await store.backlog_stats(connection)
 
     async def prune(self) -> int:
         """Deletes published rows older than OUTBOX_RETENTION, one bounded batch at a time."""
