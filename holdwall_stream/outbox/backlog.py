@@ -47,26 +47,32 @@ class CachedBacklog:
         return None if self._last is None else self._clock() - self._last_at
 
     async def get(self) -> BacklogStats:
+        running = self._running
+        counting = running is not None and not running.done()
         last = self._last
-        if last is not None and (self._clock() < self._fresh_until or self._running is not None):
+        if last is not None and (counting or self._clock() < self._fresh_until):
             return last
-        if self._running is None:
-            self._running = asyncio.ensure_future(self._recount())
-            self._running.add_done_callback(_mark_retrieved)
+        if running is None or running.done():
+            running = self._running = asyncio.ensure_future(self._recount())
+            running.add_done_callback(_mark_retrieved)
         # A caller that gives up (a health check's timeout) leaves the count running for
         # the next one.
-        return await asyncio.shield(self._running)
+        return await asyncio.shield(running)
+
+    async def cancel(self) -> None:
+        """Stops a count in progress (at shutdown: no task left behind on a closed loop)."""
+        running = self._running
+        if running is not None:
+            running.cancel()
+            await asyncio.gather(running, return_exceptions=True)
 
     async def _recount(self) -> BacklogStats:
-        try:
-            started = self._clock()
-            stats = await self._count()
-            finished = self._clock()
-            self._last, self._last_at = stats, finished
-            self._fresh_until = finished + reuse_for(finished - started)
-            return stats
-        finally:
-            self._running = None
+        started = self._clock()
+        stats = await self._count()
+        finished = self._clock()
+        self._last, self._last_at = stats, finished
+        self._fresh_until = finished + reuse_for(finished - started)
+        return stats
 
 
 def _mark_retrieved(count: asyncio.Future[BacklogStats]) -> None:

@@ -276,6 +276,10 @@ class OutboxRelay:
         self._metrics.outbox_rate.set(self.publish_rate())
         return stats
 
+    async def stop_counting(self) -> None:
+        """Cancels a backlog count in progress; for shutdown."""
+        await self._backlog.cancel()
+
     def backlog_age_s(self) -> float | None:
         """Seconds since the figures :meth:`backlog` returns were counted."""
         return self._backlog.age_s()

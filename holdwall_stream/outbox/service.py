@@ -68,6 +68,7 @@ class RelayService(Service):
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        await self._relay.stop_counting()
 
     @Service.task
     async def _drain_loop(self) -> None:

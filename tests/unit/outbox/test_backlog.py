@@ -98,3 +98,21 @@ async def test_a_failed_count_reaches_its_callers_and_the_next_call_counts_again
     with pytest.raises(ConnectionError):
         await backlog.get()
     assert (await backlog.get()).backlog == 7
+
+
+@pytest.mark.parametrize("started", [False, True], ids=["before-it-ran", "while-counting"])
+async def test_cancel_stops_a_count_and_the_next_call_counts_again(started: bool) -> None:
+    counter = _Counter(duration=1.0)
+    backlog = CachedBacklog(counter.count, counter.clock)
+    counter.release = asyncio.Event()
+    waiting = asyncio.ensure_future(backlog.get())
+    await asyncio.sleep(0)  # the caller starts the count...
+    if started:
+        await asyncio.sleep(0)  # ...which reaches the database
+    await backlog.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert counter.calls == (1 if started else 0)
+    counter.release.set()
+    assert (await backlog.get()).backlog == counter.calls
+    assert counter.calls == (2 if started else 1)
