@@ -89,12 +89,12 @@ _SQLITE_ROW_TYPES = {
 # created_at (the writing transaction's start) in epoch seconds, the database's clock.
 ClaimedRow = tuple[int, bytes, bytes, bytes, bytes | None, int, float]
 
-_ID, _EVENT_ID, _KEY, _PAYLOAD, _HEADERS_JSON, _ATTEMPTS, _WRITTEN_AT = range(7)
-_ids = itemgetter(_ID)
-_keys = itemgetter(_KEY)
-_payloads = itemgetter(_PAYLOAD)
-_headers_jsons = itemgetter(_HEADERS_JSON)
-_written_ats = itemgetter(_WRITTEN_AT)
+# Columns of a batch, by the positions above.
+_ids = itemgetter(0)
+_keys = itemgetter(2)
+_payloads = itemgetter(3)
+_headers_jsons = itemgetter(4)
+_written_ats = itemgetter(6)
 # The event-id header's name and value (a UUID's 36 characters).
 _EVENT_ID_HEADER_SIZE = len(EVENT_ID_HEADER) + 36
 
