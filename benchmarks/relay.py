@@ -499,7 +499,8 @@ class Latency:
     ``acked``: the workers' kafka_outbox_relay_delay_seconds histogram over the measured
     window, per batch from its oldest row's write (transaction start, so never later
     than its commit) to the broker's acknowledgement: no consumer's fetch is part of it,
-    but it counts batches (each at its oldest row) and interpolates inside buckets."""
+    but it counts batches (each at its oldest row) and interpolates inside buckets.
+    ``commit``: the writers' COMMIT itself (the WAL flush), part of every figure above."""
 
     p50: float
     p99: float
@@ -510,6 +511,8 @@ class Latency:
     acked_p50: float
     acked_p99: float
     acked_batches: int
+    commit_p99: float
+    commit_worst: float
     cpu: CpuSplit
 
 
@@ -709,6 +712,7 @@ async def latency_in_workers(count: int, database_url: str, bootstrap: str, root
     target = OutboxTarget(settings.kafka_events_topic, PARTITIONS)
     engine = create_engine(settings)
     committing: dict[str, float] = {}
+    commit_ms: list[float] = []
     arrivals_path = root / f"{suffix}-arrivals.txt"
     measuring_consumer = MeasuringConsumer()
     with running_workers(count, database_url, bootstrap, suffix, root) as workers:
@@ -731,6 +735,8 @@ async def latency_in_workers(count: int, database_url: str, bootstrap: str, root
                 async with AsyncSession(engine) as session, session.begin():
                     await store_events(session, events, target)
                     before_commit = time.time()
+                if before_commit >= measure_from:
+                    commit_ms.append((time.time() - before_commit) * 1000)
                 for event in events:
                     committing[str(event.id)] = before_commit
                 next_at += interval
@@ -769,6 +775,8 @@ async def latency_in_workers(count: int, database_url: str, bootstrap: str, root
         acked_p50=histogram_quantile(acked, 50) * 1000,
         acked_p99=histogram_quantile(acked, 99) * 1000,
         acked_batches=int(acked[-1][1]) if acked else 0,
+        commit_p99=percentile(commit_ms, 99),
+        commit_worst=max(commit_ms),
         cpu=cpu,
     )
 
@@ -943,7 +951,8 @@ async def run(root: Path) -> list[Measurement]:
                     "ms",
                     note=(
                         f"commit to relay batch p99 {lat.pickup_p99:.1f} ms; max {lat.worst:.1f}"
-                        f" ms over {lat.count:,} events; CPU cores: {lat.cpu.describe()}"
+                        f" ms over {lat.count:,} events; writers' COMMIT p99 {lat.commit_p99:.1f},"
+                        f" max {lat.commit_worst:.1f} ms; CPU cores: {lat.cpu.describe()}"
                     ),
                 )
             )
