@@ -89,11 +89,15 @@ WORKER_COUNTS = tuple(int(n) for n in os.environ.get("BENCH_WORKERS", "1,2,3").s
 SESSION_TIMEOUT_MS = 6000  # Tansu completes a group join after half the session timeout
 DRAIN_TIMEOUT_S = 300.0
 POLL_S = 0.02
+# A pickup (commit -> CreateTime) slower than this is listed with its partition.
+LATE_PICKUP_MS = 50
 
 PROFILE_DIR = os.environ.get("BENCH_PROFILE_DIR")
 
 # Batch framing room the relay's producer also allows (messaging/producer.py).
 _BATCH_OVERHEAD = 64 * 1024
+# A record at the measuring consumer: arrival and CreateTime (wall clock, s), partition.
+Arrival = tuple[float, float, int]
 
 
 def _log(message: str) -> None:
@@ -513,6 +517,7 @@ class Latency:
     acked_batches: int
     commit_p99: float
     commit_worst: float
+    late_pickups: str
     cpu: CpuSplit
 
 
@@ -540,7 +545,7 @@ def _window(before: dict[float, float], after: dict[float, float]) -> list[tuple
 def _consume_arrivals(bootstrap: str, topic: str, out_path: str) -> None:
     """Run as ``python -m benchmarks.relay --consume BOOTSTRAP TOPIC FILE``, a process of its
     own (so the writers' CPU cannot delay it): reads ``topic`` with a small fetch wait and
-    appends ``event-id arrival create-time`` lines (wall clock, s) until SIGTERM. Prints
+    appends ``event-id arrival create-time partition`` lines (wall clock, s) until SIGTERM. Prints
     ``ready`` once it is fetching."""
     stopping = asyncio.Event()
 
@@ -563,7 +568,10 @@ def _consume_arrivals(bootstrap: str, topic: str, out_path: str) -> None:
                     for records in batches.values():
                         for record in records:
                             event_id = dict(record.headers)["event-id"].decode()
-                            out.write(f"{event_id} {now:.6f} {record.timestamp / 1000:.6f}\n")
+                            out.write(
+                                f"{event_id} {now:.6f} {record.timestamp / 1000:.6f} "
+                                f"{record.partition}\n"
+                            )
                     out.flush()
         finally:
             await consumer.stop()
@@ -605,10 +613,10 @@ class MeasuringConsumer:
 
 async def wait_arrived(
     arrivals_path: Path, sent: dict[str, float], timeout: float = 30.0
-) -> dict[str, tuple[float, float]]:
-    """Every sent event id's (arrival, CreateTime); raises if some never arrive."""
+) -> dict[str, Arrival]:
+    """Every sent event id's arrival; raises if some never arrive."""
     deadline = time.perf_counter() + timeout
-    arrived: dict[str, tuple[float, float]] = {}
+    arrived: dict[str, Arrival] = {}
     while time.perf_counter() < deadline:
         arrived = _read_arrivals(arrivals_path)
         if not set(sent) - set(arrived):
@@ -777,20 +785,42 @@ async def latency_in_workers(count: int, database_url: str, bootstrap: str, root
         acked_batches=int(acked[-1][1]) if acked else 0,
         commit_p99=percentile(commit_ms, 99),
         commit_worst=max(commit_ms),
+        late_pickups=_late_pickups(committing, arrived, measured),
         cpu=cpu,
     )
 
 
-def _read_arrivals(path: Path) -> dict[str, tuple[float, float]]:
-    """event id -> (arrival, CreateTime) of its first arrival."""
-    arrived: dict[str, tuple[float, float]] = {}
+def _read_arrivals(path: Path) -> dict[str, Arrival]:
+    """event id -> its first arrival."""
+    arrived: dict[str, Arrival] = {}
     if not path.exists():
         return arrived
     for line in path.read_text().splitlines():
         parts = line.split()
-        if len(parts) == 3 and parts[0] not in arrived:
-            arrived[parts[0]] = (float(parts[1]), float(parts[2]))
+        if len(parts) == 4 and parts[0] not in arrived:
+            arrived[parts[0]] = (float(parts[1]), float(parts[2]), int(parts[3]))
     return arrived
+
+
+def _late_pickups(
+    committing: dict[str, float], arrived: dict[str, Arrival], ids: Sequence[str]
+) -> str:
+    """Where the events the relay picked up over LATE_PICKUP_MS after their commit were:
+    one partition points at its owner, all of them at the database, the machine or the
+    broker; a short span at one stall, a long one at many."""
+    late = [
+        (committing[i], arrived[i][2])
+        for i in ids
+        if (arrived[i][1] - committing[i]) * 1000 > LATE_PICKUP_MS
+    ]
+    if not late:
+        return f"no pickup over {LATE_PICKUP_MS} ms"
+    committed = [t for t, _partition in late]
+    partitions = ",".join(str(p) for p in sorted({p for _t, p in late}))
+    return (
+        f"{len(late)} pickups over {LATE_PICKUP_MS} ms, partitions {partitions}, "
+        f"committed within {max(committed) - min(committed):.1f} s"
+    )
 
 
 # --- the run ---------------------------------------------------------------------------
@@ -952,7 +982,8 @@ async def run(root: Path) -> list[Measurement]:
                     note=(
                         f"commit to relay batch p99 {lat.pickup_p99:.1f} ms; max {lat.worst:.1f}"
                         f" ms over {lat.count:,} events; writers' COMMIT p99 {lat.commit_p99:.1f},"
-                        f" max {lat.commit_worst:.1f} ms; CPU cores: {lat.cpu.describe()}"
+                        f" max {lat.commit_worst:.1f} ms; {lat.late_pickups};"
+                        f" CPU cores: {lat.cpu.describe()}"
                     ),
                 )
             )
