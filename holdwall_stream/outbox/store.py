@@ -20,10 +20,13 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from holdwall_stream.db.engine import psycopg_connection
-from holdwall_stream.db.models import RelayLock, Timestamp
+from holdwall_stream.db.models import DEAD_LETTERED, UNPUBLISHED, RelayLock, Timestamp
 from holdwall_stream.pipeline.envelope import EVENT_ID_HEADER
 
-_UNPUBLISHED = "published = false AND dead_lettered_at IS NULL"
+# The partial indexes' own predicates (db/models.py): spelled any other way, a query might
+# not be answered from its index.
+_UNPUBLISHED = UNPUBLISHED.text
+_DEAD_LETTERED = DEAD_LETTERED.text
 
 # PostgreSQL, run on the driver connection (psycopg, binary results): the relay's hot path,
 # one round trip.
@@ -248,9 +251,7 @@ async def backlog_stats(connection: AsyncConnection) -> BacklogStats:
     backlog, oldest = (
         await connection.execute(text(f"SELECT count(*), {age} FROM outbox WHERE {_UNPUBLISHED}"))
     ).one()
-    dead = await connection.scalar(
-        text("SELECT count(*) FROM outbox WHERE dead_lettered_at IS NOT NULL")
-    )
+    dead = await connection.scalar(text(f"SELECT count(*) FROM outbox WHERE {_DEAD_LETTERED}"))
     return BacklogStats(
         backlog=int(backlog),
         oldest_age_s=None if oldest is None else max(0.0, float(oldest)),
