@@ -52,7 +52,7 @@ class CachedBacklog:
         last = self._last
         if last is not None and (counting or self._clock() < self._fresh_until):
             return last
-        if running is None or running.done():
+        if not counting:
             running = self._running = asyncio.ensure_future(self._recount())
             running.add_done_callback(_mark_retrieved)
         # A caller that gives up (a health check's timeout) leaves the count running for
