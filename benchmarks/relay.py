@@ -824,11 +824,11 @@ def _late_pickups(
     ]
     if not late:
         return f"no pickup over {LATE_PICKUP_MS} ms"
-    committed = [t for t, _partition in late]
+    commit_times = [t for t, _partition in late]
     partitions = ",".join(str(p) for p in sorted({p for _t, p in late}))
     return (
         f"{len(late)} pickups over {LATE_PICKUP_MS} ms, partitions {partitions}, "
-        f"committed within {max(committed) - min(committed):.1f} s"
+        f"committed within {max(commit_times) - min(commit_times):.1f} s"
     )
 
 
