@@ -18,8 +18,8 @@ from holdwall_stream.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# Room for the record batch framing around one message of KAFKA_MAX_MESSAGE_BYTES.
-_BATCH_OVERHEAD = 64 * 1024
+# Room for a produce request's framing around a record batch of KAFKA_MAX_MESSAGE_BYTES.
+_REQUEST_OVERHEAD = 64 * 1024
 
 
 class KafkaProducer:
@@ -46,8 +46,10 @@ class KafkaProducer:
             **options,
             acks="all",
             linger_ms=0,
-            max_batch_size=self._settings.kafka_max_message_bytes + _BATCH_OVERHEAD,
-            max_request_size=self._settings.kafka_max_message_bytes + _BATCH_OVERHEAD,
+            # The broker's limit applies to a whole record batch: a fuller batch would be
+            # rejected on every retry (outbox/batches.py).
+            max_batch_size=self._settings.kafka_max_message_bytes,
+            max_request_size=self._settings.kafka_max_message_bytes + _REQUEST_OVERHEAD,
         )
         try:
             await producer.start()

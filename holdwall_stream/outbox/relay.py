@@ -19,7 +19,7 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaConnectionError, KafkaError, MessageSizeTooLargeError
+from aiokafka.errors import KafkaConnectionError, KafkaError
 from aiokafka.producer.message_accumulator import BatchBuilder
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -29,6 +29,7 @@ from holdwall_stream.messaging.producer import KafkaProducer
 from holdwall_stream.observability.metrics import Metrics
 from holdwall_stream.outbox import store
 from holdwall_stream.outbox.backlog import CachedBacklog
+from holdwall_stream.outbox.batches import TooLarge, record_batches
 from holdwall_stream.outbox.store import BacklogStats, ClaimedRow
 from holdwall_stream.resilience.backoff import backoff_delay
 from holdwall_stream.resilience.breaker import CircuitBreaker
@@ -160,16 +161,16 @@ class OutboxRelay:
                 )
                 if not claimed:  # nothing to send, or another worker holds the partition
                     return 0
-                sendable = await self._dead_letter_oversized(connection, partition, claimed)
                 sender = _PartitionSender(
                     producer,
                     self._settings.kafka_events_topic,
                     partition,
                     self._settings.kafka_request_timeout / 1000,
                 )
-                await sender.send(sendable)
+                too_large = await sender.send(claimed, self._settings.kafka_max_message_bytes)
                 await sender.finish()
-                sent = len(sendable)
+                await self._dead_letter(connection, partition, too_large)
+                sent = len(claimed) - len(too_large)
                 self._metrics.outbox_publish_latency.observe(time.perf_counter() - started)
                 oldest = store.oldest_written_at(claimed)
                 self._metrics.outbox_relay_delay.observe(max(0.0, time.time() - oldest))
@@ -181,22 +182,16 @@ class OutboxRelay:
         self._metrics.outbox_batch_size.observe(len(claimed))
         return len(claimed)
 
-    async def _dead_letter_oversized(
-        self,
-        connection: AsyncConnection,
-        partition: int,
-        rows: list[ClaimedRow],
-    ) -> list[ClaimedRow]:
+    async def _dead_letter(
+        self, connection: AsyncConnection, partition: int, too_large: list[TooLarge]
+    ) -> None:
         """A row larger than the broker accepts would block its key forever: park it."""
         limit = self._settings.kafka_max_message_bytes
-        too_large = store.oversized(rows, limit)
-        if not too_large:
-            return rows
-        for row in too_large:
-            row_id, event_id, key, _payload, _headers, attempts, _written_at = row
+        for parked in too_large:
+            row_id, event_id, key, _payload, _headers, attempts, _written_at = parked.row
             reason = (
-                f"message of {store.message_size(row)} bytes exceeds "
-                f"KAFKA_MAX_MESSAGE_BYTES={limit}"
+                f"message of {parked.batch_bytes} bytes (as a record batch of its own) "
+                f"exceeds KAFKA_MAX_MESSAGE_BYTES={limit}"
             )
             now = datetime.now(UTC)
             info = DeadLetterInfo(
@@ -219,7 +214,6 @@ class OutboxRelay:
             self._metrics.outbox_dead_lettered.inc()
             self._metrics.dlq_sent.labels(reason="too_large").inc()
             log.error("Outbox row %d (event %s) sent to the DLQ: %s", row_id, info.event_id, reason)
-        return [row for row in rows if row not in too_large]
 
     async def _record_failure(self, rows: list[ClaimedRow], error: str) -> None:
         try:
@@ -347,26 +341,19 @@ class _PartitionSender:
         self._timeout_s = timeout_s
         self._in_flight: asyncio.Future[object] | None = None
 
-    async def send(self, rows: list[ClaimedRow]) -> None:
-        batch = self._producer.create_batch()
-        append = batch.append
-        kafka_headers = store.kafka_headers
-        for row_id, event_id, key, payload, headers_json, _attempts, _written_at in rows:
-            headers = kafka_headers(event_id, headers_json)
-            while append(key=key, value=payload, timestamp=None, headers=headers) is None:
-                if not batch.record_count():
-                    raise MessageSizeTooLargeError(
-                        f"outbox row {row_id} does not fit in an empty record batch"
-                    )
+    async def send(self, rows: list[ClaimedRow], limit: int) -> list[TooLarge]:
+        """Queues the rows in record batches of at most ``limit`` bytes; returns the rows
+        too large for any batch (not sent)."""
+        too_large: list[TooLarge] = []
+        for batch in record_batches(self._producer.create_batch, rows, limit):
+            if isinstance(batch, TooLarge):
+                too_large.append(batch)
+            else:
                 await self._enqueue(batch)
-                batch = self._producer.create_batch()
-                append = batch.append
-        if batch.record_count():
-            await self._enqueue(batch)
+        return too_large
 
     async def _enqueue(self, batch: BatchBuilder) -> None:
         await self.finish()
-        batch.close()
         self._in_flight = await self._producer.send_batch(
             batch, self._topic, partition=self._partition
         )

@@ -94,24 +94,12 @@ ClaimedRow = tuple[int, bytes, bytes, bytes, bytes | None, int, float]
 
 # Columns of a batch, by the positions above.
 _ids = itemgetter(0)
-_keys = itemgetter(2)
-_payloads = itemgetter(3)
-_headers_jsons = itemgetter(4)
 _written_ats = itemgetter(6)
-# The event-id header's name and value (a UUID's 36 characters).
-_EVENT_ID_HEADER_SIZE = len(EVENT_ID_HEADER) + 36
 
 
 def kafka_headers(event_id: bytes, headers_json: bytes | None) -> list[tuple[str, bytes]]:
     """A row's Kafka headers: ``event-id`` from its column first, then the stored ones."""
     return [(EVENT_ID_HEADER, event_id), *_other_headers(headers_json)]
-
-
-def message_size(row: ClaimedRow) -> int:
-    """Bytes on the wire, roughly: what the broker's message size limit compares."""
-    _id, event_id, key, payload, headers_json, _attempts, _written_at = row
-    headers = kafka_headers(event_id, headers_json)
-    return len(key) + len(payload) + sum(len(name.encode()) + len(v) for name, v in headers)
 
 
 def row_ids(rows: Sequence[ClaimedRow]) -> list[int]:
@@ -120,26 +108,6 @@ def row_ids(rows: Sequence[ClaimedRow]) -> list[int]:
 
 def oldest_written_at(rows: Sequence[ClaimedRow]) -> float:
     return min(map(_written_ats, rows))
-
-
-def oversized(rows: Sequence[ClaimedRow], limit: int) -> list[ClaimedRow]:
-    """The rows whose message is over ``limit`` bytes (see :func:`message_size`).
-
-    First a bound for the whole batch from the largest key, payload and headers (three
-    passes in C, no Python per row; JSON text is never shorter than the names and values it
-    holds): the exact size is only worked out when that bound is over the limit.
-    """
-    if not rows:
-        return []
-    bound = (
-        max(map(len, map(_keys, rows)))
-        + max(map(len, map(_payloads, rows)))
-        + max(map(len, filter(None, map(_headers_jsons, rows))), default=0)
-        + _EVENT_ID_HEADER_SIZE
-    )
-    if bound <= limit:
-        return []
-    return [row for row in rows if message_size(row) > limit]
 
 
 @lru_cache(maxsize=4096)

@@ -1,4 +1,4 @@
-"""What a claimed outbox row becomes on the wire: its headers and its size."""
+"""What a claimed outbox row becomes on the wire: its headers."""
 
 from __future__ import annotations
 
@@ -7,9 +7,7 @@ import json
 from holdwall_stream.outbox.store import (
     ClaimedRow,
     kafka_headers,
-    message_size,
     oldest_written_at,
-    oversized,
     row_ids,
 )
 
@@ -51,31 +49,6 @@ def test_an_event_id_stored_in_the_headers_is_not_sent_twice() -> None:
 def test_header_values_that_are_not_strings_are_sent_as_text() -> None:
     row = _row({"attempt": 3, "replayed": True})
     assert _headers(row)[1:] == [("attempt", b"3"), ("replayed", b"True")]
-
-
-def test_size_counts_key_value_and_every_header() -> None:
-    row = _row({"event-type": "order.created"}, payload=b"x" * 100)
-    expected = len(b"order-42") + 100 + len("event-id") + 36 + len("event-type") + 13
-    assert message_size(row) == expected
-    assert oversized([row], expected) == []
-    assert oversized([row], expected - 1) == [row]
-
-
-def test_oversized_finds_the_one_row_over_the_limit() -> None:
-    small = _row({"event-type": "t"}, payload=b"x" * 10)
-    large = _row({"event-type": "t"}, payload=b"x" * 2000, row_id=8)
-    assert oversized([small, small], 1024) == []
-    assert oversized([small, large, small], 1024) == [large]
-    assert oversized([], 1) == []
-
-
-def test_a_large_key_and_large_headers_on_different_rows_are_not_oversized() -> None:
-    """The batch bound adds the largest key, payload and headers of different rows: over
-    the limit, each row is then measured on its own."""
-    big_headers = _row({"event-type": "t" * 500}, payload=b"x" * 10)
-    big_payload = _row({"event-type": "t"}, payload=b"x" * 500, row_id=8)
-    limit = max(message_size(big_headers), message_size(big_payload))
-    assert oversized([big_headers, big_payload], limit) == []
 
 
 def test_ids_and_oldest_write_of_a_batch() -> None:
