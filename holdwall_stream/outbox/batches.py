@@ -10,7 +10,7 @@ per row (no separate pass over the batch's sizes).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from aiokafka.producer.message_accumulator import BatchBuilder
@@ -28,12 +28,16 @@ class TooLarge:
 
 def record_batches(
     create_batch: Callable[[], BatchBuilder], rows: Sequence[ClaimedRow], limit: int
-) -> Iterator[BatchBuilder | TooLarge]:
-    """The rows in order, as closed record batches, a row over ``limit`` as :class:`TooLarge`.
+) -> tuple[list[BatchBuilder], list[TooLarge]]:
+    """The rows in order as closed record batches, and the rows over ``limit`` (left out).
 
     ``create_batch`` makes an empty batch holding up to ``limit`` bytes (the producer's
-    ``create_batch`` with ``max_batch_size`` = KAFKA_MAX_MESSAGE_BYTES).
+    ``create_batch`` with ``max_batch_size`` = KAFKA_MAX_MESSAGE_BYTES). All batches are
+    built before any is sent, so the rows too large can be parked first: were parking to
+    fail after the batches went out, every retry would publish them again.
     """
+    batches: list[BatchBuilder] = []
+    too_large: list[TooLarge] = []
     batch = create_batch()
     append = batch.append
     first = 0  # index of the current batch's first row
@@ -42,18 +46,26 @@ def record_batches(
     ):
         headers = kafka_headers(event_id, headers_json)
         if append(key=key, value=payload, timestamp=None, headers=headers) is None:  # full
-            yield _finished(batch, rows[first], limit)
+            _finish(batch, rows[first], limit, batches, too_large)
             batch = create_batch()
             append = batch.append
             first = index
             append(key=key, value=payload, timestamp=None, headers=headers)  # empty: taken
     if batch.record_count():
-        yield _finished(batch, rows[first], limit)
+        _finish(batch, rows[first], limit, batches, too_large)
+    return batches, too_large
 
 
-def _finished(batch: BatchBuilder, first_row: ClaimedRow, limit: int) -> BatchBuilder | TooLarge:
+def _finish(
+    batch: BatchBuilder,
+    first_row: ClaimedRow,
+    limit: int,
+    batches: list[BatchBuilder],
+    too_large: list[TooLarge],
+) -> None:
     batch.close()
     size = batch.size()
     if size > limit:  # only a batch's first record can take it over the limit: it is alone
-        return TooLarge(first_row, size)
-    return batch
+        too_large.append(TooLarge(first_row, size))
+    else:
+        batches.append(batch)

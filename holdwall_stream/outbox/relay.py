@@ -161,15 +161,19 @@ class OutboxRelay:
                 )
                 if not claimed:  # nothing to send, or another worker holds the partition
                     return 0
+                batches, too_large = record_batches(
+                    producer.create_batch, claimed, self._settings.kafka_max_message_bytes
+                )
+                await self._dead_letter(connection, partition, too_large)
                 sender = _PartitionSender(
                     producer,
                     self._settings.kafka_events_topic,
                     partition,
                     self._settings.kafka_request_timeout / 1000,
                 )
-                too_large = await sender.send(claimed, self._settings.kafka_max_message_bytes)
+                for batch in batches:
+                    await sender.send(batch)
                 await sender.finish()
-                await self._dead_letter(connection, partition, too_large)
                 sent = len(claimed) - len(too_large)
                 self._metrics.outbox_publish_latency.observe(time.perf_counter() - started)
                 oldest = store.oldest_written_at(claimed)
@@ -324,7 +328,7 @@ class _HeldConnection:
 
 
 class _PartitionSender:
-    """Sends rows in order as record batches to one partition, one batch in flight.
+    """Sends record batches in order to one partition, one batch in flight.
 
     Before a record batch is handed to the producer, the previous one must have been
     acknowledged: were an earlier batch to fail (its delivery timed out) while a later one
@@ -341,18 +345,8 @@ class _PartitionSender:
         self._timeout_s = timeout_s
         self._in_flight: asyncio.Future[object] | None = None
 
-    async def send(self, rows: list[ClaimedRow], limit: int) -> list[TooLarge]:
-        """Queues the rows in record batches of at most ``limit`` bytes; returns the rows
-        too large for any batch (not sent)."""
-        too_large: list[TooLarge] = []
-        for batch in record_batches(self._producer.create_batch, rows, limit):
-            if isinstance(batch, TooLarge):
-                too_large.append(batch)
-            else:
-                await self._enqueue(batch)
-        return too_large
-
-    async def _enqueue(self, batch: BatchBuilder) -> None:
+    async def send(self, batch: BatchBuilder) -> None:
+        """Hands ``batch`` (closed) to the producer once the one before it was acknowledged."""
         await self.finish()
         self._in_flight = await self._producer.send_batch(
             batch, self._topic, partition=self._partition
