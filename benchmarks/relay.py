@@ -64,7 +64,7 @@ from holdwall_stream.db.engine import create_engine
 from holdwall_stream.db.schema import init_schema
 from holdwall_stream.embedded import EmbeddedBroker
 from holdwall_stream.event_loop import implementation_name
-from holdwall_stream.messaging.producer import KafkaProducer
+from holdwall_stream.messaging.producer import KafkaProducer, size_limits
 from holdwall_stream.messaging.topics import ensure_topics
 from holdwall_stream.observability.metrics import Metrics
 from holdwall_stream.outbox import store
@@ -94,8 +94,6 @@ LATE_PICKUP_MS = 50
 
 PROFILE_DIR = os.environ.get("BENCH_PROFILE_DIR")
 
-# Request framing room the relay's producer also allows (messaging/producer.py).
-_REQUEST_OVERHEAD = 64 * 1024
 # A record at the measuring consumer: arrival and CreateTime (wall clock, s), partition.
 Arrival = tuple[float, float, int]
 
@@ -229,8 +227,7 @@ async def kafka_ceiling(settings: Settings, database_url: str) -> tuple[float, i
         bootstrap_servers=settings.bootstrap_servers,
         acks="all",
         linger_ms=0,
-        max_batch_size=settings.kafka_max_message_bytes,
-        max_request_size=settings.kafka_max_message_bytes + _REQUEST_OVERHEAD,
+        **size_limits(settings),  # as the relay's producer
     )
     await producer.start()
     try:

@@ -22,6 +22,18 @@ log = logging.getLogger(__name__)
 _REQUEST_OVERHEAD = 64 * 1024
 
 
+def size_limits(settings: Settings) -> dict[str, int]:
+    """aiokafka's batch and request size options for KAFKA_MAX_MESSAGE_BYTES.
+
+    The broker's limit applies to a whole record batch: a fuller batch would be rejected
+    on every retry (outbox/batches.py). A request adds its framing around the batch.
+    """
+    return {
+        "max_batch_size": settings.kafka_max_message_bytes,
+        "max_request_size": settings.kafka_max_message_bytes + _REQUEST_OVERHEAD,
+    }
+
+
 class KafkaProducer:
     """Starts the aiokafka producer on first use and again after a failed start."""
 
@@ -46,10 +58,7 @@ class KafkaProducer:
             **options,
             acks="all",
             linger_ms=0,
-            # The broker's limit applies to a whole record batch: a fuller batch would be
-            # rejected on every retry (outbox/batches.py).
-            max_batch_size=self._settings.kafka_max_message_bytes,
-            max_request_size=self._settings.kafka_max_message_bytes + _REQUEST_OVERHEAD,
+            **size_limits(self._settings),
         )
         try:
             await producer.start()
