@@ -2,32 +2,23 @@
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import AsyncIterator
 
 import pytest
 
 from holdwall_stream.messaging.producer import KafkaProducer
-from holdwall_stream.messaging.topics import ensure_topics
 from holdwall_stream.observability.metrics import Metrics
-from holdwall_stream.settings import Settings, load_settings
+from holdwall_stream.settings import Settings
+from tests.support.kafka import settings_with_own_topics
 
 LIMIT = 4096
 
 
 @pytest.fixture
 async def settings(kafka_bootstrap: str, sqlite_database_url: str) -> Settings:
-    suffix = secrets.token_hex(4)
-    settings = load_settings(
-        kafka_enabled=True,
-        kafka_brokers=kafka_bootstrap,
-        database_url=sqlite_database_url,
-        kafka_events_topic=f"producer-events-{suffix}",
-        kafka_dlq_topic=f"producer-dlq-{suffix}",
-        kafka_max_message_bytes=LIMIT,
+    return await settings_with_own_topics(
+        "producer", kafka_bootstrap, sqlite_database_url, kafka_max_message_bytes=LIMIT
     )
-    await ensure_topics(settings)
-    return settings
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ back), and lag comes from committed offsets."""
 from __future__ import annotations
 
 import logging
-import secrets
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -18,30 +17,21 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from holdwall_stream.db.engine import create_engine
 from holdwall_stream.db.schema import init_schema
 from holdwall_stream.messaging.producer import KafkaProducer
-from holdwall_stream.messaging.topics import ensure_topics
 from holdwall_stream.observability.metrics import Metrics
 from holdwall_stream.pipeline.consumer import PipelineConsumer
 from holdwall_stream.pipeline.envelope import EVENT_ID_HEADER, EventEnvelope, encode_envelope
 from holdwall_stream.pipeline.handlers import HandlerRegistry
 from holdwall_stream.pipeline.processor import EventProcessor
-from holdwall_stream.settings import Settings, load_settings
+from holdwall_stream.settings import Settings
+from tests.support.kafka import settings_with_own_topics
 from tests.support.processes import wait_until_async
 
 
 @pytest.fixture
 async def settings(kafka_bootstrap: str, database_url: str) -> Settings:
-    suffix = secrets.token_hex(4)
-    settings = load_settings(
-        kafka_enabled=True,
-        kafka_brokers=kafka_bootstrap,
-        database_url=database_url,
-        kafka_events_topic=f"cons-events-{suffix}",
-        kafka_dlq_topic=f"cons-dlq-{suffix}",
-        kafka_group_id=f"cons-{suffix}",
-        kafka_session_timeout=6000,
+    return await settings_with_own_topics(
+        "cons", kafka_bootstrap, database_url, kafka_session_timeout=6000
     )
-    await ensure_topics(settings)
-    return settings
 
 
 @pytest.fixture

@@ -3,19 +3,17 @@ DLQ position, whatever the headers hold), and what the dlq CLI lists, replays an
 
 from __future__ import annotations
 
-import secrets
 import uuid
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from holdwall_stream.messaging import dead_letter as h
 from holdwall_stream.messaging.producer import KafkaProducer
-from holdwall_stream.messaging.topics import ensure_topics
 from holdwall_stream.observability.metrics import Metrics
 from holdwall_stream.pipeline import dlq
 from holdwall_stream.pipeline.dlq import DlqMessage
 from holdwall_stream.pipeline.envelope import EVENT_ID_HEADER
-from holdwall_stream.settings import load_settings
+from tests.support.kafka import settings_with_own_topics
 from tests.support.worker_env import consume_all
 
 
@@ -79,15 +77,7 @@ async def test_text_postgresql_cannot_hold_is_stored_all_the_same(engine: AsyncE
 async def test_replay_resends_with_the_event_id_and_marks_replayed(
     engine: AsyncEngine, database_url: str, kafka_bootstrap: str
 ) -> None:
-    suffix = secrets.token_hex(4)
-    settings = load_settings(
-        kafka_enabled=True,
-        kafka_brokers=kafka_bootstrap,
-        database_url=database_url,
-        kafka_events_topic=f"replay-events-{suffix}",
-        kafka_dlq_topic=f"replay-dlq-{suffix}",
-    )
-    await ensure_topics(settings)
+    settings = await settings_with_own_topics("replay", kafka_bootstrap, database_url)
     event_id = str(uuid.uuid4())
     await dlq.store_dead_letters(
         engine, [dead_letter(0, **{EVENT_ID_HEADER: event_id, "trace": "t-1"})]

@@ -8,7 +8,6 @@ letters with their headers, and event types PostgreSQL text cannot hold as they 
 from __future__ import annotations
 
 import asyncio
-import secrets
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
@@ -22,7 +21,6 @@ from holdwall_stream.db.engine import create_engine
 from holdwall_stream.db.schema import init_schema
 from holdwall_stream.messaging import dead_letter as dlq_headers
 from holdwall_stream.messaging.producer import KafkaProducer
-from holdwall_stream.messaging.topics import ensure_topics
 from holdwall_stream.observability.metrics import Metrics
 from holdwall_stream.pipeline.envelope import (
     EVENT_ID_HEADER,
@@ -35,8 +33,9 @@ from holdwall_stream.pipeline.handlers import (
     transaction,
 )
 from holdwall_stream.pipeline.processor import EventProcessor, IncomingMessage
-from holdwall_stream.settings import Settings, load_settings
+from holdwall_stream.settings import Settings
 from tests.support.flaky_handlers import effects_table_ddl, record_effect
+from tests.support.kafka import settings_with_own_topics
 from tests.support.pipeline import event as envelope
 from tests.support.worker_env import consume_all
 
@@ -45,19 +44,13 @@ EVENTS_TOPIC = "events-under-test"
 
 @pytest.fixture
 async def settings(kafka_bootstrap: str, database_url: str) -> Settings:
-    suffix = secrets.token_hex(4)
-    settings = load_settings(
-        kafka_enabled=True,
-        kafka_brokers=kafka_bootstrap,
-        database_url=database_url,
-        kafka_events_topic=f"proc-events-{suffix}",
-        kafka_dlq_topic=f"proc-dlq-{suffix}",
-        kafka_group_id=f"proc-{suffix}",
+    return await settings_with_own_topics(
+        "proc",
+        kafka_bootstrap,
+        database_url,
         pipeline_max_attempts=3,
         pipeline_retry_backoff_ms=5,
     )
-    await ensure_topics(settings)
-    return settings
 
 
 @pytest.fixture
