@@ -50,7 +50,8 @@ CREATE TABLE outbox (
 	dead_lettered_at TIMESTAMP WITH TIME ZONE, 
 	PRIMARY KEY (id), 
 	UNIQUE (event_id)
-);
+)
+ WITH (fillfactor = 50);
 
 CREATE INDEX ix_outbox_dead_lettered ON outbox (id) WHERE dead_lettered_at IS NOT NULL;
 

@@ -32,6 +32,8 @@ async def init_schema(engine: AsyncEngine) -> None:
         if connection.dialect.name == "postgresql":
             await connection.execute(text(f"SELECT pg_advisory_xact_lock({_SCHEMA_LOCK_KEY})"))
         await connection.run_sync(_create_missing)
+        if connection.dialect.name == "postgresql":
+            await connection.run_sync(_set_missing_storage_parameters)
 
 
 def _create_missing(connection: Connection) -> None:
@@ -39,6 +41,29 @@ def _create_missing(connection: Connection) -> None:
     for table in Base.metadata.sorted_tables:
         for index in table.indexes:
             index.create(connection, checkfirst=True)
+
+
+def _set_missing_storage_parameters(connection: Connection) -> None:
+    """A table made by an earlier release gets the storage parameters (``WITH``) the models
+    declare, unless it has a value of its own for them (an operator's choice stays).
+
+    They apply to rows written from then on. The ALTER takes a lock that lets reads and
+    writes go on but waits for a VACUUM of that table.
+    """
+    for table in Base.metadata.sorted_tables:
+        declared: dict[str, object] = table.dialect_options["postgresql"]["with"] or {}
+        if not declared:
+            continue
+        options = connection.execute(
+            text("SELECT reloptions FROM pg_class WHERE oid = to_regclass(:table)"),
+            {"table": table.name},
+        ).scalar()
+        present = {option.split("=", 1)[0] for option in options or []}
+        missing = {name: value for name, value in declared.items() if name not in present}
+        if missing:
+            settings = ", ".join(f"{name} = {value}" for name, value in missing.items())
+            name = connection.dialect.identifier_preparer.quote(table.name)
+            connection.execute(text(f"ALTER TABLE {name} SET ({settings})"))
 
 
 def render_ddl(dialect_name: str) -> str:

@@ -14,7 +14,7 @@ from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from holdwall_stream.db.engine import create_engine
-from holdwall_stream.db.models import Base
+from holdwall_stream.db.models import OUTBOX_FILLFACTOR, Base
 from holdwall_stream.db.schema import DDL_FILES, TABLES_DIR, init_schema
 from holdwall_stream.settings import load_settings
 from tests.support.pg import fresh_database
@@ -44,7 +44,8 @@ def other_database_url(database_url: str, tmp_path: Path) -> Iterator[str]:
 
 
 def _describe(connection: Connection) -> dict[str, Any]:
-    """Tables, columns (type, nullability, default), keys and indexes, as reflected."""
+    """Tables, columns (type, nullability, default), keys, indexes and table options (e.g.
+    PostgreSQL's fillfactor), as reflected."""
     inspector = inspect(connection)
     schema: dict[str, Any] = {}
     for table in sorted(inspector.get_table_names()):
@@ -67,6 +68,7 @@ def _describe(connection: Connection) -> dict[str, Any]:
             "primary_key": primary_key,
             "indexes": indexes,
             "unique": unique,
+            "options": inspector.get_table_options(table),
         }
     return schema
 
@@ -85,6 +87,17 @@ def _model_tables() -> dict[str, Any]:
         }
         for name, table in Base.metadata.tables.items()
     }
+
+
+def _model_options(dialect: str) -> dict[str, Any]:
+    """The table options the models declare for ``dialect``, as the inspector reports them."""
+    declared = {}
+    for name, table in Base.metadata.tables.items():
+        with_ = table.dialect_options["postgresql"]["with"] if dialect == "postgresql" else None
+        declared[name] = (
+            {"postgresql_with": {key: str(value) for key, value in with_.items()}} if with_ else {}
+        )
+    return declared
 
 
 def _as_model_view(schema: dict[str, Any]) -> dict[str, Any]:
@@ -110,6 +123,9 @@ async def test_init_schema_is_idempotent(engine: AsyncEngine) -> None:
     await init_schema(engine)
     assert await _schema_of(engine) == first
     assert _as_model_view(first) == _model_tables()
+    assert {name: table["options"] for name, table in first.items()} == _model_options(
+        engine.dialect.name
+    )
 
 
 async def test_concurrent_init_schema_on_postgresql(pg_admin_url: str) -> None:
@@ -153,6 +169,46 @@ async def test_an_index_added_later_is_created_on_an_existing_table(engine: Asyn
 
     await init_schema(engine)
     assert "ix_outbox_dead_lettered" in (await _schema_of(engine))["outbox"]["indexes"]
+
+
+async def _outbox_options(engine: AsyncEngine) -> list[str]:
+    async with engine.connect() as connection:
+        result = await connection.exec_driver_sql(
+            "SELECT reloptions FROM pg_class WHERE oid = 'outbox'::regclass"
+        )
+        return list(result.scalar() or [])
+
+
+async def test_an_outbox_of_an_earlier_release_gets_the_fillfactor(pg_admin_url: str) -> None:
+    """Without room on its page for the version the relay's mark writes, every claimed row
+    moves to another page (db/models.py, OUTBOX_FILLFACTOR)."""
+    with fresh_database(pg_admin_url) as database_url:
+        engine = _engine(database_url)
+        try:
+            await init_schema(engine)
+            assert await _outbox_options(engine) == [f"fillfactor={OUTBOX_FILLFACTOR}"]
+            async with engine.begin() as connection:  # as an earlier release created it
+                await connection.exec_driver_sql("ALTER TABLE outbox RESET (fillfactor)")
+            assert await _outbox_options(engine) == []
+
+            await init_schema(engine)
+            assert await _outbox_options(engine) == [f"fillfactor={OUTBOX_FILLFACTOR}"]
+        finally:
+            await engine.dispose()
+
+
+async def test_an_operators_own_fillfactor_stays(pg_admin_url: str) -> None:
+    with fresh_database(pg_admin_url) as database_url:
+        engine = _engine(database_url)
+        try:
+            await init_schema(engine)
+            async with engine.begin() as connection:
+                await connection.exec_driver_sql("ALTER TABLE outbox SET (fillfactor = 70)")
+
+            await init_schema(engine)
+            assert await _outbox_options(engine) == ["fillfactor=70"]
+        finally:
+            await engine.dispose()
 
 
 async def test_counting_dead_lettered_rows_does_not_read_the_whole_outbox(
