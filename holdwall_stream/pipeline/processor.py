@@ -344,12 +344,13 @@ class EventProcessor:
             original_offset=message.offset,
         )
         headers = [(n, v) for n, v in message.headers or () if not n.startswith("dlq-")]
+        # A value over KAFKA_MAX_MESSAGE_BYTES would be over the DLQ's limit too: refused on
+        # every redelivery, it would stall the partition. It stays readable where it is
+        # (the dlq-original-* headers say where); replay skips a dead letter without one.
+        value = None if reason == "too_large" else message.value
         producer = await self._producer.get()
         future = await producer.send(
-            self._settings.kafka_dlq_topic,
-            message.value,
-            key=message.key,
-            headers=headers + info.headers(),
+            self._settings.kafka_dlq_topic, value, key=message.key, headers=headers + info.headers()
         )
         self._metrics.dlq_sent.labels(reason=reason).inc()
         log.warning(

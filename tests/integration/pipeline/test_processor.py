@@ -195,6 +195,32 @@ async def test_invalid_messages_are_dead_lettered_with_their_reason_and_origin(
     assert mismatch_headers[EVENT_ID_HEADER] == str(mismatched.id).encode()
 
 
+async def test_a_message_over_the_size_limit_is_dead_lettered_without_its_value(
+    settings: Settings, engine: AsyncEngine, kafka_bootstrap: str
+) -> None:
+    """The DLQ has the same limit: sending the value would fail on every redelivery and
+    stall the partition. The letter says where the value still is."""
+    limited = settings.model_copy(update={"kafka_max_message_bytes": 4096})
+    producer = KafkaProducer(limited, Metrics())
+    try:
+        processor = EventProcessor(limited, engine, HandlerRegistry(), producer, Metrics())
+        good = envelope()
+        big = message(b"x" * 200_000, key=b"k-big")
+        outcome = await processor.process([big, message(good)])
+    finally:
+        await producer.stop()
+
+    assert (outcome.processed, outcome.dead_lettered) == (1, 1)
+    assert await processed_ids(engine) == [str(good.id)]
+    [record] = await consume_all(kafka_bootstrap, settings.kafka_dlq_topic, expected=1)
+    headers = dict(record.headers)
+    assert record.value is None
+    assert record.key == b"k-big"
+    assert headers[dlq_headers.DLQ_REASON] == b"too_large"
+    assert b"200000 bytes" in headers[dlq_headers.DLQ_ERROR_MESSAGE]
+    assert headers[dlq_headers.DLQ_ORIGINAL_OFFSET] == str(big.offset).encode()
+
+
 @pytest.mark.parametrize(
     "event_type",
     [
