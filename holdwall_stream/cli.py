@@ -179,7 +179,28 @@ async def _replay(settings: Settings, engine: Any, args: argparse.Namespace) -> 
     finally:
         await producer.stop()
     print(f"replayed {len(replayed)} dead letter(s): {' '.join(map(str, replayed))}")
+    for dead_letter_id in sorted(set(ids) - set(replayed)):
+        print(await _why_not_replayed(engine, dead_letter_id), file=sys.stderr)
     return 0 if len(replayed) == len(set(ids)) else EXIT_FAILED
+
+
+async def _why_not_replayed(engine: Any, dead_letter_id: int) -> str:
+    from holdwall_stream.pipeline import dlq
+
+    letter = await dlq.get_dead_letter(engine, dead_letter_id)
+    if letter is None:
+        return f"dead letter {dead_letter_id}: no such id (see `dlq list`)"
+    if letter.original_offset is not None:
+        where = (
+            f"read it from {letter.original_topic} partition {letter.original_partition} "
+            f"offset {letter.original_offset} while the topic still retains it"
+        )
+    else:
+        where = f"its payload is still in the outbox row of event {letter.event_id}"
+    return (
+        f"dead letter {dead_letter_id} ({letter.reason}) kept no message to replay, as it was "
+        f"larger than the topics accept: {where}"
+    )
 
 
 def _summary(letter: Any) -> dict[str, Any]:

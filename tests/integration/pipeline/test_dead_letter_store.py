@@ -4,6 +4,7 @@ DLQ position, whatever the headers hold), and what the dlq CLI lists, replays an
 from __future__ import annotations
 
 import uuid
+from dataclasses import replace
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -14,7 +15,8 @@ from holdwall_stream.pipeline import dlq
 from holdwall_stream.pipeline.dlq import DlqMessage
 from holdwall_stream.pipeline.envelope import EVENT_ID_HEADER
 from tests.support.kafka import settings_with_own_topics
-from tests.support.worker_env import consume_all
+from tests.support.pipeline import run_cli
+from tests.support.worker_env import consume_all, worker_env
 
 
 def dead_letter(offset: int, **headers: str) -> DlqMessage:
@@ -104,3 +106,25 @@ async def test_replay_resends_with_the_event_id_and_marks_replayed(
 
     assert await dlq.purge(engine, replayed_only=True) == 1
     assert await dlq.count_dead_letters(engine) == 0
+
+
+async def test_replay_says_why_a_letter_without_a_value_is_not_replayed(
+    engine: AsyncEngine, database_url: str, kafka_bootstrap: str
+) -> None:
+    """A message over KAFKA_MAX_MESSAGE_BYTES is dead-lettered without its value (the DLQ
+    would refuse it): the CLI says where the message still is instead of replaying nothing
+    in silence."""
+    too_large = dead_letter(0, **{h.DLQ_REASON: "too_large"})
+    await dlq.store_dead_letters(engine, [replace(too_large, value=None)])
+    [letter] = await dlq.list_dead_letters(engine)
+
+    result = run_cli(
+        worker_env(kafka_bootstrap, database_url), "dlq", "replay", str(letter.id), "999999"
+    )
+
+    assert result.returncode != 0
+    assert "replayed 0 dead letter(s)" in result.stdout
+    assert f"dead letter {letter.id} (too_large) kept no message to replay" in result.stderr
+    assert "read it from orders partition 2 offset 100" in result.stderr
+    assert "dead letter 999999: no such id" in result.stderr
+    assert await dlq.list_dead_letters(engine) != []  # not marked replayed
