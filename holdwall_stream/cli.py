@@ -190,6 +190,8 @@ async def _why_not_replayed(engine: Any, dead_letter_id: int) -> str:
     letter = await dlq.get_dead_letter(engine, dead_letter_id)
     if letter is None:
         return f"dead letter {dead_letter_id}: no such id (see `dlq list`)"
+    if letter.reason != "too_large":
+        return f"dead letter {dead_letter_id} ({letter.reason}): its message had no value to replay"
     if letter.original_offset is not None:
         where = (
             f"read it from {letter.original_topic} partition {letter.original_partition} "

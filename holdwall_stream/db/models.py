@@ -53,6 +53,7 @@ class UtcTimestamp(TypeDecorator[datetime]):
 Timestamp = UtcTimestamp()
 
 UNPUBLISHED = text("published = false AND dead_lettered_at IS NULL")
+DEAD_LETTERED = text("dead_lettered_at IS NOT NULL")
 
 # PostgreSQL writes a new version of every outbox row when the relay marks it published.
 # Pages filled to half leave room for that version beside the old one; on full pages
@@ -61,7 +62,6 @@ UNPUBLISHED = text("published = false AND dead_lettered_at IS NULL")
 # partitions (docs/PERFORMANCE.md). The price: published rows, kept for OUTBOX_RETENTION,
 # take about twice the disk.
 OUTBOX_FILLFACTOR = 50
-DEAD_LETTERED = text("dead_lettered_at IS NOT NULL")
 
 
 class Base(DeclarativeBase):

@@ -115,16 +115,21 @@ async def test_replay_says_why_a_letter_without_a_value_is_not_replayed(
     would refuse it): the CLI says where the message still is instead of replaying nothing
     in silence."""
     too_large = dead_letter(0, **{h.DLQ_REASON: "too_large"})
-    await dlq.store_dead_letters(engine, [replace(too_large, value=None)])
-    [letter] = await dlq.list_dead_letters(engine)
+    tombstone = dead_letter(1, **{h.DLQ_REASON: "not_json"})
+    await dlq.store_dead_letters(
+        engine, [replace(too_large, value=None), replace(tombstone, value=None)]
+    )
+    big, empty = await dlq.list_dead_letters(engine)
 
     result = run_cli(
-        worker_env(kafka_bootstrap, database_url), "dlq", "replay", str(letter.id), "999999"
+        worker_env(kafka_bootstrap, database_url),
+        *("dlq", "replay", str(big.id), str(empty.id), "999999"),
     )
 
     assert result.returncode != 0
     assert "replayed 0 dead letter(s)" in result.stdout
-    assert f"dead letter {letter.id} (too_large) kept no message to replay" in result.stderr
+    assert f"dead letter {big.id} (too_large) kept no message to replay" in result.stderr
     assert "read it from orders partition 2 offset 100" in result.stderr
+    assert f"dead letter {empty.id} (not_json): its message had no value" in result.stderr
     assert "dead letter 999999: no such id" in result.stderr
-    assert await dlq.list_dead_letters(engine) != []  # not marked replayed
+    assert len(await dlq.list_dead_letters(engine)) == 2  # neither marked replayed
