@@ -1,11 +1,16 @@
-"""Settings for a test that talks to the session's broker with topics of its own."""
+"""Settings and a producer for a test that talks to the session's broker with topics of its
+own."""
 
 from __future__ import annotations
 
 import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
+from holdwall_stream.messaging.producer import KafkaProducer
 from holdwall_stream.messaging.topics import ensure_topics
+from holdwall_stream.observability.metrics import Metrics
 from holdwall_stream.settings import Settings, load_settings
 
 
@@ -26,3 +31,13 @@ async def settings_with_own_topics(
     )
     await ensure_topics(settings)
     return settings
+
+
+@asynccontextmanager
+async def worker_producer(settings: Settings) -> AsyncIterator[KafkaProducer]:
+    """The worker's producer (relay and dead letters) on ``settings``, stopped at the end."""
+    producer = KafkaProducer(settings, Metrics())
+    try:
+        yield producer
+    finally:
+        await producer.stop()

@@ -7,9 +7,8 @@ from collections.abc import AsyncIterator
 import pytest
 
 from holdwall_stream.messaging.producer import KafkaProducer
-from holdwall_stream.observability.metrics import Metrics
 from holdwall_stream.settings import Settings
-from tests.support.kafka import settings_with_own_topics
+from tests.support.kafka import settings_with_own_topics, worker_producer
 
 LIMIT = 4096
 
@@ -23,11 +22,8 @@ async def settings(kafka_bootstrap: str, sqlite_database_url: str) -> Settings:
 
 @pytest.fixture
 async def producer(settings: Settings) -> AsyncIterator[KafkaProducer]:
-    producer = KafkaProducer(settings, Metrics())
-    try:
+    async with worker_producer(settings) as producer:
         yield producer
-    finally:
-        await producer.stop()
 
 
 async def test_a_full_record_batch_stays_within_kafka_max_message_bytes(

@@ -9,12 +9,10 @@ from dataclasses import replace
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from holdwall_stream.messaging import dead_letter as h
-from holdwall_stream.messaging.producer import KafkaProducer
-from holdwall_stream.observability.metrics import Metrics
 from holdwall_stream.pipeline import dlq
 from holdwall_stream.pipeline.dlq import DlqMessage
 from holdwall_stream.pipeline.envelope import EVENT_ID_HEADER
-from tests.support.kafka import settings_with_own_topics
+from tests.support.kafka import settings_with_own_topics, worker_producer
 from tests.support.pipeline import run_cli
 from tests.support.worker_env import consume_all, worker_env
 
@@ -85,13 +83,10 @@ async def test_replay_resends_with_the_event_id_and_marks_replayed(
         engine, [dead_letter(0, **{EVENT_ID_HEADER: event_id, "trace": "t-1"})]
     )
     [letter] = await dlq.list_dead_letters(engine)
-    producer = KafkaProducer(settings, Metrics())
-    try:
+    async with worker_producer(settings) as producer:
         assert await dlq.replay(
             engine, producer, settings.kafka_events_topic, [letter.id, 999]
         ) == [letter.id]
-    finally:
-        await producer.stop()
     [record] = await consume_all(kafka_bootstrap, settings.kafka_events_topic, expected=1)
     headers = dict(record.headers)
     assert record.value == b'{"id": 1}'

@@ -35,7 +35,7 @@ from holdwall_stream.pipeline.handlers import (
 from holdwall_stream.pipeline.processor import EventProcessor, IncomingMessage
 from holdwall_stream.settings import Settings
 from tests.support.flaky_handlers import effects_table_ddl, record_effect
-from tests.support.kafka import settings_with_own_topics
+from tests.support.kafka import settings_with_own_topics, worker_producer
 from tests.support.pipeline import event as envelope
 from tests.support.worker_env import consume_all
 
@@ -67,11 +67,8 @@ async def engine(settings: Settings) -> AsyncIterator[AsyncEngine]:
 
 @pytest.fixture
 async def producer(settings: Settings) -> AsyncIterator[KafkaProducer]:
-    producer = KafkaProducer(settings, Metrics())
-    try:
+    async with worker_producer(settings) as producer:
         yield producer
-    finally:
-        await producer.stop()
 
 
 Factory = Callable[..., EventProcessor]
@@ -201,14 +198,11 @@ async def test_a_message_over_the_size_limit_is_dead_lettered_without_its_value(
     """The DLQ has the same limit: sending the value would fail on every redelivery and
     stall the partition. The letter says where the value still is."""
     limited = settings.model_copy(update={"kafka_max_message_bytes": 4096})
-    producer = KafkaProducer(limited, Metrics())
-    try:
+    async with worker_producer(limited) as producer:
         processor = EventProcessor(limited, engine, HandlerRegistry(), producer, Metrics())
         good = envelope()
         big = message(b"x" * 200_000, key=b"k-big")
         outcome = await processor.process([big, message(good)])
-    finally:
-        await producer.stop()
 
     assert (outcome.processed, outcome.dead_lettered) == (1, 1)
     assert await processed_ids(engine) == [str(good.id)]
