@@ -141,3 +141,17 @@ class CpuSplit:
     def describe(self, top: int = 3) -> str:
         ordered = sorted(self.cores.items(), key=lambda item: -item[1])[:top]
         return ", ".join(f"{name} {cores:.2f}" for name, cores in ordered)
+
+    def ours(self) -> dict[str, float]:
+        """Cores of the system under test: PostgreSQL and this benchmark's processes."""
+        return {name: cores for name, cores in self.cores.items() if not name.startswith("other ")}
+
+    def us_per_item(self, rate: float) -> float:
+        """CPU microseconds the system under test spent per item at ``rate`` items/s."""
+        return sum(self.ours().values()) / rate * 1e6
+
+    def describe_per_item(self, rate: float) -> str:
+        """CPU microseconds per item by process, e.g. "postgres 16.4 + python 1.6 = 18.0 us"."""
+        ordered = sorted(self.ours().items(), key=lambda item: -item[1])
+        parts = " + ".join(f"{name} {cores / rate * 1e6:.1f}" for name, cores in ordered)
+        return f"{parts} = {self.us_per_item(rate):.1f} us"
