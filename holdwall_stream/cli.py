@@ -173,36 +173,18 @@ async def _replay(settings: Settings, engine: Any, args: argparse.Namespace) -> 
     if not ids:
         print("name dead letter ids to replay, or --all", file=sys.stderr)
         return EXIT_USAGE
+    ids = list(dict.fromkeys(ids))  # an id named twice (or also by --all) is sent once
     producer = KafkaProducer(settings, Metrics())
     try:
-        replayed = await dlq.replay(engine, producer, settings.kafka_events_topic, ids)
+        outcome = await dlq.replay(engine, producer, settings.kafka_events_topic, ids)
     finally:
         await producer.stop()
-    print(f"replayed {len(replayed)} dead letter(s): {' '.join(map(str, replayed))}")
-    for dead_letter_id in sorted(set(ids) - set(replayed)):
-        print(await _why_not_replayed(engine, dead_letter_id), file=sys.stderr)
-    return 0 if len(replayed) == len(set(ids)) else EXIT_FAILED
-
-
-async def _why_not_replayed(engine: Any, dead_letter_id: int) -> str:
-    from holdwall_stream.pipeline import dlq
-
-    letter = await dlq.get_dead_letter(engine, dead_letter_id)
-    if letter is None:
-        return f"dead letter {dead_letter_id}: no such id (see `dlq list`)"
-    if letter.reason != "too_large":
-        return f"dead letter {dead_letter_id} ({letter.reason}): its message had no value to replay"
-    if letter.original_offset is not None:
-        where = (
-            f"read it from {letter.original_topic} partition {letter.original_partition} "
-            f"offset {letter.original_offset} while the topic still retains it"
-        )
-    else:
-        where = f"its payload is still in the outbox row of event {letter.event_id}"
-    return (
-        f"dead letter {dead_letter_id} ({letter.reason}) kept no message to replay, as it was "
-        f"larger than the topics accept: {where}"
+    print(
+        f"replayed {len(outcome.replayed)} dead letter(s): {' '.join(map(str, outcome.replayed))}"
     )
+    for _dead_letter_id, why in sorted(outcome.not_replayed.items()):
+        print(why, file=sys.stderr)
+    return EXIT_FAILED if outcome.not_replayed else 0
 
 
 def _summary(letter: Any) -> dict[str, Any]:

@@ -83,18 +83,28 @@ async def count_dead_letters(engine: AsyncEngine) -> int:
         return int(await connection.scalar(select(func.count()).select_from(DeadLetter)) or 0)
 
 
+@dataclass(frozen=True)
+class ReplayOutcome:
+    replayed: list[int]
+    # Each id asked for but not replayed, with why, worded for the operator who asked.
+    not_replayed: dict[int, str]
+
+
 async def replay(
     engine: AsyncEngine, producer: KafkaProducer, events_topic: str, ids: Sequence[int]
-) -> list[int]:
+) -> ReplayOutcome:
     """Re-sends dead letters to the events topic with their original key and event id.
 
-    The pipeline dedupes by event id, so replaying twice does not process twice.
-    Returns the ids replayed (unknown ids are ignored).
+    The pipeline dedupes by event id, so replaying twice does not process twice. An
+    unknown id, or a letter that kept no message (too large for the topics), is not
+    replayed; the outcome says why and where the message can still be found.
     """
-    replayed = []
+    replayed: list[int] = []
+    not_replayed: dict[int, str] = {}
     for dead_letter_id in ids:
         letter = await get_dead_letter(engine, dead_letter_id)
         if letter is None or letter.raw is None:
+            not_replayed[dead_letter_id] = _why_not_replayable(dead_letter_id, letter)
             continue
         kept = [
             (name, value.encode())
@@ -110,7 +120,25 @@ async def replay(
                 .values(replayed_at=datetime.now(UTC))
             )
         replayed.append(dead_letter_id)
-    return replayed
+    return ReplayOutcome(replayed, not_replayed)
+
+
+def _why_not_replayable(dead_letter_id: int, letter: DeadLetter | None) -> str:
+    if letter is None:
+        return f"dead letter {dead_letter_id}: no such id (see `dlq list`)"
+    if letter.reason != "too_large":
+        return f"dead letter {dead_letter_id} ({letter.reason}): its message had no value to replay"
+    if letter.original_offset is not None:
+        where = (
+            f"read it from {letter.original_topic} partition {letter.original_partition} "
+            f"offset {letter.original_offset} while the topic still retains it"
+        )
+    else:
+        where = f"its payload is still in the outbox row of event {letter.event_id}"
+    return (
+        f"dead letter {dead_letter_id} ({letter.reason}) kept no message to replay, as it was "
+        f"larger than the topics accept: {where}"
+    )
 
 
 async def purge(engine: AsyncEngine, *, replayed_only: bool) -> int:

@@ -84,9 +84,9 @@ async def test_replay_resends_with_the_event_id_and_marks_replayed(
     )
     [letter] = await dlq.list_dead_letters(engine)
     async with worker_producer(settings) as producer:
-        assert await dlq.replay(
-            engine, producer, settings.kafka_events_topic, [letter.id, 999]
-        ) == [letter.id]
+        outcome = await dlq.replay(engine, producer, settings.kafka_events_topic, [letter.id, 999])
+    assert outcome.replayed == [letter.id]
+    assert outcome.not_replayed == {999: "dead letter 999: no such id (see `dlq list`)"}
     [record] = await consume_all(kafka_bootstrap, settings.kafka_events_topic, expected=1)
     headers = dict(record.headers)
     assert record.value == b'{"id": 1}'
