@@ -12,6 +12,42 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from holdwall_stream.settings import Settings, load_settings
+
+# Both benchmarks' topics: 3 partitions, so 3 relay lanes and 3 pipeline consumers.
+PARTITIONS = 3
+SESSION_TIMEOUT_MS = 6000  # Tansu completes a group join after half the session timeout
+
+
+def bench_settings(database_url: str, bootstrap: str, suffix: str, **extra: object) -> Settings:
+    """Kafka enabled, topics and group of this run's own (named by ``suffix``)."""
+    options: dict[str, object] = {
+        "kafka_enabled": True,
+        "kafka_brokers": bootstrap,
+        "database_url": database_url,
+        "kafka_events_topic": f"bench-events-{suffix}",
+        "kafka_dlq_topic": f"bench-dlq-{suffix}",
+        "kafka_group_id": f"bench-{suffix}",
+        "kafka_partitions": PARTITIONS,
+        "kafka_session_timeout": SESSION_TIMEOUT_MS,
+    }
+    return load_settings(**(options | extra))
+
+
+def worker_environment(settings: Settings) -> dict[str, str]:
+    """The variables that give a `faust -A holdwall_stream worker` these settings' Kafka,
+    topics, group and database."""
+    return {
+        "KAFKA_ENABLED": "true",
+        "KAFKA_BROKERS": settings.kafka_brokers,
+        "DATABASE_URL": settings.database_url.get_secret_value(),
+        "KAFKA_EVENTS_TOPIC": settings.kafka_events_topic,
+        "KAFKA_DLQ_TOPIC": settings.kafka_dlq_topic,
+        "KAFKA_GROUP_ID": settings.kafka_group_id,
+        "KAFKA_PARTITIONS": str(settings.kafka_partitions),
+        "KAFKA_SESSION_TIMEOUT": str(settings.kafka_session_timeout),
+    }
+
 
 def percentile(values: Sequence[float], q: float) -> float:
     """The q-th percentile (0-100), nearest rank; NaN for no values."""

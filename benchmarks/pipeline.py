@@ -42,7 +42,13 @@ import psycopg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.partitioner import DefaultPartitioner
 
-from benchmarks.common import Measurement, render_table
+from benchmarks.common import (
+    PARTITIONS,
+    Measurement,
+    bench_settings,
+    render_table,
+    worker_environment,
+)
 from holdwall_stream.db.engine import create_engine
 from holdwall_stream.db.schema import init_schema
 from holdwall_stream.embedded import EmbeddedBroker, stop_process_group, worker_command
@@ -54,15 +60,13 @@ from holdwall_stream.pipeline.consumer import PipelineConsumer
 from holdwall_stream.pipeline.envelope import EVENT_ID_HEADER, EventEnvelope, encode_envelope
 from holdwall_stream.pipeline.handlers import HandlerRegistry
 from holdwall_stream.pipeline.processor import EventProcessor
-from holdwall_stream.settings import Settings, load_settings
+from holdwall_stream.settings import Settings
 from tests.support.pg import admin_url, fresh_database
 
 N_EVENTS = int(os.environ.get("BENCH_PIPELINE_EVENTS", "200000"))
 N_KEYS = 1000
 PAYLOAD_BYTES = 300
-PARTITIONS = 3
 FLOOR_EVENTS_PER_S = 20_000
-SESSION_TIMEOUT_MS = 6000  # Tansu completes a group join after half the session timeout
 DRAIN_TIMEOUT_S = 300.0
 POLL_S = 0.05
 WORKER_RUNS = int(os.environ.get("BENCH_PIPELINE_WORKER_RUNS", "2"))
@@ -75,20 +79,6 @@ _BATCH_OVERHEAD = 64 * 1024
 
 def _log(message: str) -> None:
     print(f"[pipeline bench] {message}", file=sys.stderr, flush=True)
-
-
-def _settings(database_url: str, bootstrap: str, suffix: str, **extra: object) -> Settings:
-    options: dict[str, object] = {
-        "kafka_enabled": True,
-        "kafka_brokers": bootstrap,
-        "database_url": database_url,
-        "kafka_events_topic": f"bench-events-{suffix}",
-        "kafka_dlq_topic": f"bench-dlq-{suffix}",
-        "kafka_group_id": f"bench-{suffix}",
-        "kafka_partitions": PARTITIONS,
-        "kafka_session_timeout": SESSION_TIMEOUT_MS,
-    }
-    return load_settings(**(options | extra))
 
 
 def _envelopes(count: int) -> list[tuple[bytes, bytes, bytes]]:
@@ -238,14 +228,8 @@ async def worker_process(
     the first processed row, seconds to the first processed row)."""
     env = {
         **os.environ,
-        "KAFKA_ENABLED": "true",
-        "KAFKA_BROKERS": settings.kafka_brokers,
-        "KAFKA_EVENTS_TOPIC": settings.kafka_events_topic,
-        "KAFKA_DLQ_TOPIC": settings.kafka_dlq_topic,
+        **worker_environment(settings),
         "KAFKA_GROUP_ID": f"{settings.kafka_group_id}-{workdir.name}",  # a group per run
-        "KAFKA_PARTITIONS": str(settings.kafka_partitions),
-        "KAFKA_SESSION_TIMEOUT": str(SESSION_TIMEOUT_MS),
-        "DATABASE_URL": database_url,
         "WEB_PORT": str(_free_port()),
         "FAUST_DATA_DIR": str(workdir / "data"),
         "PYTHONPATH": os.pathsep.join(
@@ -329,7 +313,7 @@ async def run(tmp: Path) -> list[Measurement]:
         fresh_database(admin_url(), "holdwall_bench_pipeline") as database_url,
     ):
         suffix = uuid.uuid4().hex[:8]
-        settings = _settings(database_url, broker.bootstrap, suffix)
+        settings = bench_settings(database_url, broker.bootstrap, suffix)
         await ensure_topics(settings)
         engine = create_engine(settings)
         await init_schema(engine)
@@ -352,7 +336,9 @@ async def run(tmp: Path) -> list[Measurement]:
 
         profile_dir = PROFILE_DIR.resolve() if PROFILE else None
         rate, steady = await in_process(
-            _settings(database_url, broker.bootstrap, suffix, kafka_group_id=f"bench-{suffix}-a"),
+            bench_settings(
+                database_url, broker.bootstrap, suffix, kafka_group_id=f"bench-{suffix}-a"
+            ),
             database_url,
             None,
         )
@@ -379,7 +365,7 @@ async def run(tmp: Path) -> list[Measurement]:
         if profile_dir is not None:
             await truncate_processed(database_url)
             await in_process(
-                _settings(
+                bench_settings(
                     database_url, broker.bootstrap, suffix, kafka_group_id=f"bench-{suffix}-p"
                 ),
                 database_url,

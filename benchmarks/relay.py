@@ -54,11 +54,14 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from benchmarks.common import (
+    PARTITIONS,
     CpuSplit,
     Measurement,
+    bench_settings,
     histogram_quantile,
     percentile,
     render_table,
+    worker_environment,
 )
 from holdwall_stream.db.engine import create_engine
 from holdwall_stream.db.schema import init_schema
@@ -77,7 +80,6 @@ from tests.support.pg import admin_url, fresh_database
 N_EVENTS = int(os.environ.get("BENCH_RELAY_EVENTS", "200000"))
 N_KEYS = 1000
 PAYLOAD_BYTES = 300
-PARTITIONS = 3
 INSERT_CHUNK = 2000
 LATENCY_RATE = int(os.environ.get("BENCH_LATENCY_RATE", "1000"))
 LATENCY_SECONDS = float(os.environ.get("BENCH_LATENCY_SECONDS", "15"))
@@ -86,7 +88,6 @@ LATENCY_WRITERS = 4
 LATENCY_EVENTS_PER_TX = int(os.environ.get("BENCH_LATENCY_EVENTS_PER_TX", "20"))
 REPEAT = int(os.environ.get("BENCH_REPEAT", "3"))
 WORKER_COUNTS = tuple(int(n) for n in os.environ.get("BENCH_WORKERS", "1,2,3").split(","))
-SESSION_TIMEOUT_MS = 6000  # Tansu completes a group join after half the session timeout
 DRAIN_TIMEOUT_S = 300.0
 POLL_S = 0.02
 # A pickup (COMMIT returned -> CreateTime) slower than this is listed with its partition.
@@ -101,19 +102,6 @@ Arrival = tuple[float, float, int]
 
 def _log(message: str) -> None:
     print(f"[relay bench] {message}", file=sys.stderr, flush=True)
-
-
-def _settings(database_url: str, bootstrap: str, suffix: str) -> Settings:
-    return load_settings(
-        kafka_enabled=True,
-        kafka_brokers=bootstrap,
-        database_url=database_url,
-        kafka_events_topic=f"bench-events-{suffix}",
-        kafka_dlq_topic=f"bench-dlq-{suffix}",
-        kafka_group_id=f"bench-{suffix}",
-        kafka_partitions=PARTITIONS,
-        kafka_session_timeout=SESSION_TIMEOUT_MS,
-    )
 
 
 def _event(index: int, pad: str, t: float | None = None) -> NewEvent:
@@ -386,14 +374,7 @@ def running_workers(
     count: int, database_url: str, bootstrap: str, suffix: str, root: Path
 ) -> Iterator[list[Worker]]:
     env = {
-        "KAFKA_ENABLED": "true",
-        "KAFKA_BROKERS": bootstrap,
-        "DATABASE_URL": database_url,
-        "KAFKA_GROUP_ID": f"bench-{suffix}",
-        "KAFKA_EVENTS_TOPIC": f"bench-events-{suffix}",
-        "KAFKA_DLQ_TOPIC": f"bench-dlq-{suffix}",
-        "KAFKA_PARTITIONS": str(PARTITIONS),
-        "KAFKA_SESSION_TIMEOUT": str(SESSION_TIMEOUT_MS),
+        **worker_environment(bench_settings(database_url, bootstrap, suffix)),
         "LOG_LEVEL": "warning",
     }
     for name in ("OUTBOX_BATCH_SIZE", "OUTBOX_POLL_INTERVAL_MS"):
@@ -737,7 +718,7 @@ async def latency_in_workers(count: int, database_url: str, bootstrap: str, root
     flushed), and also from just before COMMIT, which adds the database's own commit time.
     """
     suffix = f"lat{count}-{secrets.token_hex(3)}"
-    settings = _settings(database_url, bootstrap, suffix)
+    settings = bench_settings(database_url, bootstrap, suffix)
     target = OutboxTarget(settings.kafka_events_topic, PARTITIONS)
     engine = create_engine(settings)
     committing: dict[str, float] = {}  # event id -> just before its COMMIT
@@ -859,7 +840,7 @@ async def run(root: Path) -> list[Measurement]:
         fresh_database(admin_url(), "holdwall_bench") as database_url,
     ):
         suffix = secrets.token_hex(3)
-        settings = _settings(database_url, broker.bootstrap, suffix)
+        settings = bench_settings(database_url, broker.bootstrap, suffix)
         batch_size = settings.outbox_batch_size
         engine = create_engine(settings)
         try:
