@@ -276,7 +276,8 @@ class EventProcessor:
         """None once the handler succeeded; else the pending DLQ send of the event.
 
         Each attempt runs in a savepoint of the batch transaction, which the handler can
-        write through: a failed attempt's writes are rolled back with it.
+        write through: a failed attempt's writes are rolled back with it. A failure that
+        took the batch's connection with it raises: the whole batch is redelivered.
         """
         first_failure: datetime | None = None
         max_attempts = self._settings.pipeline_max_attempts
@@ -287,6 +288,12 @@ class EventProcessor:
                         await handler(envelope)
                 return None
             except Exception as exc:
+                if connection.invalidated:
+                    # The batch's connection is gone (a failover, a restart): not the
+                    # handler's fault, and no further attempt or event can succeed on it.
+                    # The batch is given up, nothing committed or dead-lettered, and
+                    # redelivered.
+                    raise
                 first_failure = first_failure or datetime.now(UTC)
                 permanent = isinstance(exc, PermanentHandlerError)
                 if permanent or attempt == max_attempts:

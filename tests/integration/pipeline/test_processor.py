@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from holdwall_stream.db.engine import create_engine
@@ -319,6 +320,48 @@ async def test_permanent_handler_error_is_not_retried(
     headers = dict(record.headers)
     assert headers[dlq_headers.DLQ_ATTEMPTS] == b"1"
     assert headers[dlq_headers.DLQ_ERROR_TYPE] == b"PermanentHandlerError"
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+async def test_losing_the_database_mid_batch_aborts_the_batch_instead_of_dead_lettering(
+    make_processor: Factory, engine: AsyncEngine, settings: Settings, kafka_bootstrap: str
+) -> None:
+    """A failover in the middle of a batch is not the handlers' fault: the batch is given
+    up at once, nothing is committed or dead-lettered, and its redelivery processes every
+    event. (Treated as handler failures, every event left in the batch would wait out its
+    retries and land in the DLQ, while the redelivered batch processes it all the same.)"""
+    events = [envelope("order.paid", aggregate_id=f"o{i}") for i in range(5)]
+    calls: list[uuid.UUID] = []
+    lose_connection_at = events[2].id
+
+    async def handler(event: EventEnvelope) -> None:
+        calls.append(event.id)
+        await record_effect(event)
+        if event.id == lose_connection_at:
+            lose_connection_at_once()
+            await transaction().execute(text("SELECT pg_terminate_backend(pg_backend_pid())"))
+
+    def lose_connection_at_once() -> None:
+        nonlocal lose_connection_at
+        lose_connection_at = None
+
+    metrics = Metrics()
+    processor = make_processor(registry_with("order.paid", handler), metrics=metrics)
+    batch = [message(e) for e in events]
+    with pytest.raises(DBAPIError) as lost:
+        await processor.process(batch)
+    assert lost.value.connection_invalidated
+    assert calls == [e.id for e in events[:3]]  # no retry, no further event on a dead connection
+    assert metrics.events_retried._value.get() == 0
+    assert await processed_ids(engine) == []
+    assert await effects(engine) == []
+
+    redelivered = await processor.process([*batch, message(b"not json")])
+    assert (redelivered.processed, redelivered.dead_lettered) == (5, 1)
+    assert await effects(engine) == sorted(str(e.id) for e in events)
+    # The DLQ holds the one message that was bad: none from the lost connection.
+    [record] = await consume_all(kafka_bootstrap, settings.kafka_dlq_topic, expected=1)
+    assert record.value == b"not json"
 
 
 async def test_unknown_types_are_skipped_or_dead_lettered_as_configured(
