@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -11,14 +13,19 @@ from aiohttp import web
 from faust.web import Request, Response, View
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import TypeAdapter, ValidationError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from holdwall_stream.observability.health import build_report
+from holdwall_stream.observability.health import DATABASE_TIMEOUT_S, build_report
 from holdwall_stream.observability.metrics_json import metrics_as_json
 from holdwall_stream.outbox.writer import NewEvent, store_events
 from holdwall_stream.runtime import Runtime
 
+log = logging.getLogger(__name__)
 _EVENT = TypeAdapter(NewEvent)
+# Seconds a client should wait before sending events again after a 503.
+RETRY_AFTER_S = 1
 
 
 class BadRequest(Exception):
@@ -50,8 +57,31 @@ def register_views(
                 if exc.detail is not None:
                     body["detail"] = exc.detail
                 return self.json(body, status=exc.status)
-            async with AsyncSession(runtime.engine) as session, session.begin():
-                stored = await store_events(session, events, runtime.target)
+            try:
+                async with AsyncSession(runtime.engine) as session, session.begin():
+                    stored = await store_events(session, events, runtime.target)
+            except Exception as exc:
+                # Nothing was stored (the transaction did not commit, or its outcome is
+                # unknown: events are keyed by id, so sending them again is safe).
+                if not _database_unavailable(exc):
+                    log.exception("POST /api/events failed")
+                    return self.json(
+                        {
+                            "error": "internal error: the events were not stored",
+                            "detail": type(exc).__name__,
+                        },
+                        status=500,
+                    )
+                log.warning("POST /api/events answered 503, database unavailable: %r", exc)
+                return self.json(
+                    {
+                        "error": "database unavailable: the events were not stored, send "
+                        "them again (the same ids are stored once)",
+                        "detail": type(exc).__name__,
+                    },
+                    status=503,
+                    headers={"Retry-After": str(RETRY_AFTER_S)},
+                )
             runtime.relay_wake()
             runtime.metrics.events_accepted.inc(len(stored.ids) - len(stored.duplicates))
             return self.json(
@@ -75,7 +105,11 @@ def register_views(
     @app.page("/api/metrics")
     class MetricsView(View):
         async def get(self, request: Request) -> Response:
-            await runtime.relay.backlog()
+            try:
+                async with asyncio.timeout(DATABASE_TIMEOUT_S):
+                    await runtime.relay.backlog()
+            except Exception as exc:  # the metrics matter most when the database is down
+                log.warning("/api/metrics served the last backlog figures: %r", exc)
             if request.query.get("format") == "json":
                 return self.json(metrics_as_json(runtime.metrics))
             return web.Response(  # type: ignore[return-value]
@@ -133,3 +167,11 @@ def _parse_events(body: bytes) -> list[NewEvent]:
     if problems:
         raise BadRequest(422, "invalid event(s); nothing was stored", problems)
     return events
+
+
+def _database_unavailable(exc: BaseException) -> bool:
+    """A lost or refused connection, or no pooled connection in time: worth a retry by the
+    client, unlike an error in the statement (a bug, answered with 500)."""
+    if isinstance(exc, DBAPIError):
+        return exc.connection_invalidated or isinstance(exc, OperationalError | InterfaceError)
+    return isinstance(exc, PoolTimeoutError | OSError | TimeoutError)

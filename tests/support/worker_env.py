@@ -44,7 +44,15 @@ def post_json(url: str, body: Any, timeout: float = 30.0) -> tuple[int, Any]:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read() or b"null")
+        return error.code, _json_or_text(error.read())
+
+
+def _json_or_text(body: bytes) -> Any:
+    """An error body as JSON, or as the text it is (so a test's assertion shows it)."""
+    try:
+        return json.loads(body or b"null")
+    except ValueError:
+        return body.decode("utf-8", "replace")
 
 
 def get_json(url: str, timeout: float = 10.0) -> tuple[int, Any]:
@@ -52,7 +60,7 @@ def get_json(url: str, timeout: float = 10.0) -> tuple[int, Any]:
         with urllib.request.urlopen(url, timeout=timeout) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read() or b"null")
+        return error.code, _json_or_text(error.read())
 
 
 async def consume_all(
