@@ -23,6 +23,7 @@ from aiokafka.errors import KafkaConnectionError, KafkaError
 from aiokafka.producer.message_accumulator import BatchBuilder
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from holdwall_stream.db.errors import describe, is_database_unavailable
 from holdwall_stream.errors import CircuitOpenError
 from holdwall_stream.messaging.dead_letter import DeadLetterInfo
 from holdwall_stream.messaging.producer import KafkaProducer
@@ -223,8 +224,15 @@ class OutboxRelay:
         try:
             async with self._engine.begin() as connection:
                 await store.record_failure(connection, store.row_ids(rows), error)
-        except Exception:  # the database may be what failed; the rows stay unpublished anyway
-            log.exception("Could not record the failed attempt on %d outbox rows", len(rows))
+        except Exception as exc:  # the database may be what failed; the rows stay unpublished
+            if not is_database_unavailable(exc):
+                log.exception("Could not record the failed attempt on %d outbox rows", len(rows))
+            else:
+                log.warning(
+                    "Could not record the failed attempt on %d outbox rows: %s",
+                    len(rows),
+                    describe(exc),
+                )
         self._metrics.outbox_publish_errors.inc(len(rows))
 
     def _on_failure(self, partition: int, exc: BaseException) -> None:

@@ -8,6 +8,8 @@ from collections.abc import Callable, Collection
 
 from mode import Service
 
+from holdwall_stream.db.errors import describe, is_database_unavailable
+from holdwall_stream.observability.outage_log import OutageLog
 from holdwall_stream.outbox.relay import OutboxRelay
 from holdwall_stream.outbox.wakeup import listen_for_outbox_writes
 from holdwall_stream.settings import Settings
@@ -44,6 +46,7 @@ class RelayService(Service):
         self._again: set[int] = set()
         self._wake_all = False
         self._wanted: set[int] = set()
+        self._database_outage = OutageLog(log, "Outbox relay: database")
 
     def wake(self, partitions: Collection[int] | None = None) -> None:
         """Drains ``partitions`` (all owned ones if None) as soon as possible."""
@@ -94,9 +97,14 @@ class RelayService(Service):
                     self._again.discard(partition)
                     try:
                         more = await self._relay.drain([partition])
-                    except Exception:
-                        log.exception("Outbox relay pass failed; the next poll retries")
+                    except Exception as exc:
+                        if is_database_unavailable(exc):
+                            self._database_outage.failed(describe(exc))
+                        else:
+                            log.exception("Outbox relay pass failed; the next poll retries")
                         more = False
+                    else:
+                        self._database_outage.succeeded()
                     if not (more or partition in self._again):
                         return
                     if partition not in self._owned_partitions():

@@ -21,8 +21,10 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord
 from aiokafka.errors import CommitFailedError, KafkaError
 from mode import Service
 
+from holdwall_stream.db.errors import describe, is_database_unavailable
 from holdwall_stream.messaging.client import kafka_client_options
 from holdwall_stream.observability.metrics import Metrics
+from holdwall_stream.observability.outage_log import OutageLog
 from holdwall_stream.pipeline.processor import EventProcessor, PreparedBatch
 from holdwall_stream.settings import Settings
 
@@ -96,6 +98,7 @@ class PipelineConsumer(Service):
         self._metrics = metrics
         self.on_assignment = on_assignment
         self.batch_lock = asyncio.Lock()
+        self._database_outage = OutageLog(log, "Pipeline: database")
         self._consumer: AIOKafkaConsumer | None = None
         self._committed: dict[TopicPartition, int] = {}
         self._fetched_end: dict[TopicPartition, int] = {}
@@ -164,13 +167,21 @@ class PipelineConsumer(Service):
             except Exception as exc:
                 async with self.batch_lock:
                     await self.settle(rewind=True)
+                # Not committed: fetched again and deduplicated by id.
                 if isinstance(exc, KafkaError):
                     self._metrics.kafka_connection_errors.inc()
                     log.warning("Kafka connection error in the pipeline consumer: %r", exc)
                 else:
-                    # Not committed: fetched again and deduplicated by id.
-                    log.error("Pipeline batch failed; it will be redelivered", exc_info=exc)
+                    self._batch_failed(exc)
                 await asyncio.sleep(1.0)
+
+    def _batch_failed(self, exc: Exception) -> None:
+        """Logs a failed batch (redelivered: its offsets were not committed); a database
+        outage once, not with a traceback per retry."""
+        if is_database_unavailable(exc):
+            self._database_outage.failed(describe(exc))
+        else:
+            log.error("Pipeline batch failed; it will be redelivered", exc_info=exc)
 
     async def _submit(self, consumer: AIOKafkaConsumer, fetched: Batches) -> None:
         async with self.batch_lock:
@@ -196,6 +207,7 @@ class PipelineConsumer(Service):
         self, consumer: AIOKafkaConsumer, prepared: PreparedBatch, batches: Batches
     ) -> None:
         await self._processor.apply(prepared)
+        self._database_outage.succeeded()
         offsets = {tp: records[-1].offset + 1 for tp, records in batches.items()}
         try:
             await consumer.commit(offsets)
@@ -223,7 +235,7 @@ class PipelineConsumer(Service):
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.error("Pipeline batch failed; it will be redelivered", exc_info=exc)
+            self._batch_failed(exc)
         uncommitted, self._uncommitted = self._uncommitted, []
         consumer = self._consumer
         if not rewind or consumer is None:

@@ -13,10 +13,9 @@ from aiohttp import web
 from faust.web import Request, Response, View
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import TypeAdapter, ValidationError
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
-from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from holdwall_stream.db.errors import describe, is_database_unavailable
 from holdwall_stream.observability.health import DATABASE_TIMEOUT_S, build_report
 from holdwall_stream.observability.metrics_json import metrics_as_json
 from holdwall_stream.outbox.writer import NewEvent, store_events
@@ -63,7 +62,7 @@ def register_views(
             except Exception as exc:
                 # Nothing was stored (the transaction did not commit, or its outcome is
                 # unknown: events are keyed by id, so sending them again is safe).
-                if not _database_unavailable(exc):
+                if not is_database_unavailable(exc):
                     log.exception("POST /api/events failed")
                     return self.json(
                         {
@@ -72,7 +71,7 @@ def register_views(
                         },
                         status=500,
                     )
-                log.warning("POST /api/events answered 503, database unavailable: %r", exc)
+                log.warning("POST /api/events: 503, database unavailable: %s", describe(exc))
                 return self.json(
                     {
                         "error": "database unavailable: the events were not stored, send "
@@ -109,7 +108,7 @@ def register_views(
                 async with asyncio.timeout(DATABASE_TIMEOUT_S):
                     await runtime.relay.backlog()
             except Exception as exc:  # the metrics matter most when the database is down
-                log.warning("/api/metrics served the last backlog figures: %r", exc)
+                log.warning("/api/metrics served the last backlog figures: %s", describe(exc))
             if request.query.get("format") == "json":
                 return self.json(metrics_as_json(runtime.metrics))
             return web.Response(  # type: ignore[return-value]
@@ -167,11 +166,3 @@ def _parse_events(body: bytes) -> list[NewEvent]:
     if problems:
         raise BadRequest(422, "invalid event(s); nothing was stored", problems)
     return events
-
-
-def _database_unavailable(exc: BaseException) -> bool:
-    """A lost or refused connection, or no pooled connection in time: worth a retry by the
-    client, unlike an error in the statement (a bug, answered with 500)."""
-    if isinstance(exc, DBAPIError):
-        return exc.connection_invalidated or isinstance(exc, OperationalError | InterfaceError)
-    return isinstance(exc, PoolTimeoutError | OSError | TimeoutError)

@@ -1,4 +1,4 @@
-"""Which failures of POST /api/events a client should retry (503) and which are bugs (500)."""
+"""Which database failures are an outage (retry, 503, one warning) and which are bugs."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 from sqlalchemy.exc import DataError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
-from holdwall_stream.web.views import _database_unavailable
+from holdwall_stream.db.errors import describe, is_database_unavailable
 
 
 class _DriverError(Exception):
@@ -25,12 +25,12 @@ class _DriverError(Exception):
     ids=["operational", "interface", "pool-timeout", "refused", "timeout"],
 )
 def test_a_lost_or_refused_connection_is_worth_a_retry(error: BaseException) -> None:
-    assert _database_unavailable(error)
+    assert is_database_unavailable(error)
 
 
 def test_an_invalidated_connection_is_worth_a_retry_whatever_the_error_class() -> None:
     error = IntegrityError("INSERT ...", {}, _DriverError("lost"), connection_invalidated=True)
-    assert _database_unavailable(error)
+    assert is_database_unavailable(error)
 
 
 @pytest.mark.parametrize(
@@ -43,4 +43,14 @@ def test_an_invalidated_connection_is_worth_a_retry_whatever_the_error_class() -
     ids=["data", "integrity", "bug"],
 )
 def test_an_error_in_the_statement_is_not_retried(error: BaseException) -> None:
-    assert not _database_unavailable(error)
+    assert not is_database_unavailable(error)
+
+
+def test_the_log_line_is_the_drivers_first_line_without_the_statement() -> None:
+    error = OperationalError(
+        "INSERT INTO outbox VALUES (%(payload)s)",
+        {"payload": "a customer's address"},
+        _DriverError("connection failed: server closed the connection\nmore detail"),
+    )
+    assert describe(error) == "_DriverError: connection failed: server closed the connection"
+    assert describe(TimeoutError()) == "TimeoutError"

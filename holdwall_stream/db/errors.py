@@ -1,0 +1,25 @@
+"""Telling a database that cannot be reached from an error in what was sent to it.
+
+The first is an outage (a failover, a restart, a full pool): worth waiting out and retrying,
+and logged once rather than as a traceback per retry. The second is a bug or bad data.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+
+
+def is_database_unavailable(exc: BaseException) -> bool:
+    """A lost or refused connection, or no pooled connection in time."""
+    if isinstance(exc, DBAPIError):
+        return exc.connection_invalidated or isinstance(exc, OperationalError | InterfaceError)
+    return isinstance(exc, PoolTimeoutError | OSError | TimeoutError)
+
+
+def describe(exc: BaseException) -> str:
+    """One line for a log: the driver's own error, without SQLAlchemy's statement and
+    parameters (an event's payload has no place in an outage warning)."""
+    cause = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
+    lines = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {lines[0] if lines else ''}".rstrip(": ")
