@@ -6,14 +6,19 @@ and logged once rather than as a traceback per retry. The second is a bug or bad
 
 from __future__ import annotations
 
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+import psycopg
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 
 def is_database_unavailable(exc: BaseException) -> bool:
-    """A lost or refused connection, or no pooled connection in time."""
+    """A lost or refused connection, no pooled connection in time, or PostgreSQL's other
+    transient failures (its OperationalError: shutdown, deadlock, serialization).
+
+    Not SQLite's OperationalError: sqlite3 raises it for a missing table or bad SQL too.
+    """
     if isinstance(exc, DBAPIError):
-        return exc.connection_invalidated or isinstance(exc, OperationalError | InterfaceError)
+        return exc.connection_invalidated or isinstance(exc.orig, psycopg.OperationalError)
     return isinstance(exc, PoolTimeoutError | OSError | TimeoutError)
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import sqlite3
+
+import psycopg
 import pytest
-from sqlalchemy.exc import DataError, IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import DataError, IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from holdwall_stream.db.errors import describe, is_database_unavailable
@@ -16,13 +19,14 @@ class _DriverError(Exception):
 @pytest.mark.parametrize(
     "error",
     [
-        OperationalError("INSERT ...", {}, _DriverError("server closed the connection")),
-        InterfaceError("INSERT ...", {}, _DriverError("connection already closed")),
+        OperationalError("INSERT ...", {}, psycopg.OperationalError("server closed")),
+        OperationalError("INSERT ...", {}, psycopg.errors.AdminShutdown("terminating connection")),
+        OperationalError("INSERT ...", {}, psycopg.errors.DeadlockDetected("deadlock detected")),
         PoolTimeoutError("QueuePool limit of size 5 overflow 10 reached"),
         ConnectionRefusedError(111, "Connection refused"),
         TimeoutError(),
     ],
-    ids=["operational", "interface", "pool-timeout", "refused", "timeout"],
+    ids=["lost", "shutdown", "deadlock", "pool-timeout", "refused", "timeout"],
 )
 def test_a_lost_or_refused_connection_is_worth_a_retry(error: BaseException) -> None:
     assert is_database_unavailable(error)
@@ -36,11 +40,13 @@ def test_an_invalidated_connection_is_worth_a_retry_whatever_the_error_class() -
 @pytest.mark.parametrize(
     "error",
     [
-        DataError("INSERT ...", {}, _DriverError("value too long for type character varying")),
+        DataError("INSERT ...", {}, psycopg.errors.StringDataRightTruncation("value too long")),
+        ProgrammingError("INSERT ...", {}, psycopg.errors.UndefinedTable("no outbox")),
+        OperationalError("INSERT ...", {}, sqlite3.OperationalError("no such table: outbox")),
         IntegrityError("INSERT ...", {}, _DriverError("violates check constraint")),
         ValueError("a bug"),
     ],
-    ids=["data", "integrity", "bug"],
+    ids=["data", "undefined-table", "sqlite-no-such-table", "integrity", "bug"],
 )
 def test_an_error_in_the_statement_is_not_retried(error: BaseException) -> None:
     assert not is_database_unavailable(error)
