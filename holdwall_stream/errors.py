@@ -27,3 +27,7 @@ class CircuitOpenError(HoldwallError):
 
 class HandlerConfigError(HoldwallError):
     """A pipeline handler cannot be registered (PIPELINE_HANDLERS entry or duplicate type)."""
+
+
+class DatabaseUnavailableError(HoldwallError):
+    """The database cannot be reached; the message names DATABASE_URL (password hidden)."""

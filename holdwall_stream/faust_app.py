@@ -18,8 +18,9 @@ import faust
 from faust.app.base import BootStrategy
 from mode import ServiceT
 
+from holdwall_stream.db.errors import describe, is_database_unavailable
 from holdwall_stream.db.schema import init_schema
-from holdwall_stream.errors import HandlerConfigError, SettingsError
+from holdwall_stream.errors import DatabaseUnavailableError, HandlerConfigError, SettingsError
 from holdwall_stream.event_loop import running_loop_name, use_preferred_loop
 from holdwall_stream.messaging.client import build_ssl_context
 from holdwall_stream.messaging.topics import ensure_topics
@@ -60,7 +61,17 @@ class HoldwallApp(faust.App):
         # Faust creates only the last level of the data directory.
         settings.faust_data_dir.mkdir(parents=True, exist_ok=True)
         await super().on_first_start()
-        await init_schema(self.runtime.engine)
+        try:
+            await init_schema(self.runtime.engine)
+        except Exception as exc:
+            if not is_database_unavailable(exc):
+                raise
+            # One line that says what to do, instead of the driver's traceback.
+            raise DatabaseUnavailableError(
+                f"cannot reach the database at {settings.database_url_redacted} "
+                f"(DATABASE_URL): {describe(exc)}; start it or correct DATABASE_URL, then "
+                "start the worker again"
+            ) from None
         if not settings.kafka_enabled:
             return
         try:
