@@ -13,6 +13,9 @@ from holdwall_stream.outbox.writer import OUTBOX_CHANNEL
 
 log = logging.getLogger(__name__)
 RECONNECT_DELAY_S = 2.0
+# Every this many seconds the LISTEN connection must answer a query within the timeout.
+QUIET_CHECK_S = 30.0
+LIVENESS_TIMEOUT_S = 5.0
 
 
 def libpq_url(async_url: str) -> str:
@@ -30,10 +33,21 @@ def partitions_of(payload: str) -> set[int] | None:
 
 
 async def listen_for_outbox_writes(
-    async_url: str, wake: Callable[[Collection[int] | None], None]
+    async_url: str,
+    wake: Callable[[Collection[int] | None], None],
+    *,
+    quiet_check_s: float = QUIET_CHECK_S,
+    liveness_timeout_s: float = LIVENESS_TIMEOUT_S,
+    reconnect_delay_s: float = RECONNECT_DELAY_S,
 ) -> None:
     """Calls ``wake`` on every notification with the partitions it names (None: all);
-    reconnects forever (polling covers the gaps)."""
+    reconnects forever (polling covers the gaps).
+
+    A connection that died without a word (a network partition, a failover behind a
+    proxy) would stay quiet until TCP gave up on it, hours later, and every write would
+    wait for the poll meanwhile: every ``quiet_check_s`` the connection is asked to answer,
+    and replaced if it does not within ``liveness_timeout_s``.
+    """
     while True:
         try:
             async with await psycopg.AsyncConnection.connect(
@@ -41,10 +55,13 @@ async def listen_for_outbox_writes(
             ) as connection:
                 await connection.execute(f"LISTEN {OUTBOX_CHANNEL}")
                 wake(None)  # anything written while we were not listening
-                async for notification in connection.notifies():
-                    wake(partitions_of(notification.payload))
+                while True:
+                    async for notification in connection.notifies(timeout=quiet_check_s):
+                        wake(partitions_of(notification.payload))
+                    async with asyncio.timeout(liveness_timeout_s):
+                        await connection.execute("SELECT 1")
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             log.warning("Outbox LISTEN connection lost (%r); polling only until it is back", exc)
-        await asyncio.sleep(RECONNECT_DELAY_S)
+        await asyncio.sleep(reconnect_delay_s)

@@ -4,6 +4,9 @@ Tansu keeps its data in memory only, so a broker outage cannot be simulated by s
 broker. Instead the broker is started advertising the proxy's port, every client talks to
 it through the proxy, and :meth:`TcpProxy.cut` drops all connections and refuses new ones
 (the listening socket is closed, so connects get ECONNREFUSED) until :meth:`restore`.
+:meth:`TcpProxy.silence` is the quieter failure: the open connections stay open but carry
+nothing any more (as across a network partition, where no reset ever arrives), while new
+connections work.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ class TcpProxy:
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._open: set[_Link] = set()
 
     @property
     def address(self) -> str:
@@ -81,6 +85,11 @@ class TcpProxy:
     def restore(self) -> None:
         """Listens again on the same port; clients reconnect as they would after an outage."""
         self._call(self._listen())
+
+    def silence(self) -> None:
+        """From now on the connections open now drop whatever is sent either way."""
+        for link in list(self._open):
+            link.silenced = True
 
     def stop(self) -> None:
         if self._loop is None or self._thread is None:
@@ -134,14 +143,17 @@ class TcpProxy:
             return
         self.connections_accepted += 1
         self._writers.update((client_writer, upstream_writer))
+        link = _Link()
+        self._open.add(link)
         pumps = [
-            asyncio.create_task(self._pump(client_reader, upstream_writer)),
-            asyncio.create_task(self._pump(upstream_reader, client_writer)),
+            asyncio.create_task(self._pump(client_reader, upstream_writer, link)),
+            asyncio.create_task(self._pump(upstream_reader, client_writer, link)),
         ]
         self._tasks.update(pumps)
         try:
             await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            self._open.discard(link)
             for task in pumps:
                 task.cancel()
                 self._tasks.discard(task)
@@ -149,12 +161,16 @@ class TcpProxy:
                 self._writers.discard(writer)
                 _abort(writer)
 
-    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pump(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, link: _Link
+    ) -> None:
         with contextlib.suppress(OSError, asyncio.IncompleteReadError):
             while True:
                 data = await reader.read(_CHUNK)
                 if not data:
                     return
+                if link.silenced:
+                    continue
                 writer.write(data)
                 await writer.drain()
 
@@ -168,6 +184,13 @@ class TcpProxy:
         traceback: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+class _Link:
+    """One proxied connection; ``silenced`` once :meth:`TcpProxy.silence` was called."""
+
+    def __init__(self) -> None:
+        self.silenced = False
 
 
 def _abort(writer: asyncio.StreamWriter) -> None:
