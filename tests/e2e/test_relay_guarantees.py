@@ -153,6 +153,59 @@ async def test_three_workers_publish_every_event_exactly_once(steady_run: Steady
     assert report.distinct == len(steady_run.written)
 
 
+# --- two workers on one SQLite file ------------------------------------------------------
+
+
+async def test_two_workers_on_sqlite_take_turns_and_keep_order_without_duplicates(
+    kafka_bootstrap: str, sqlite_database_url: str, tmp_path: Path
+) -> None:
+    """SQLite has one writer: the relay's claim-produce-mark transaction holds the write
+    lock (BEGIN IMMEDIATE), so one worker relays at a time and the other waits its turn,
+    also for partitions both believe they own during the rebalance."""
+    env = worker_env(kafka_bootstrap, sqlite_database_url)
+    await declare_topics(env)
+    workers = [WorkerProcess(env, tmp_path / f"w{i}") for i in range(2)]
+    writer = KeyedWriter(_target(env))
+    keys = KEYS[:20]
+    try:
+        async with engine_for(env) as engine:
+            workers[0].start()
+            await wait_healthy(workers[:1])
+            stop = asyncio.Event()
+            tasks = [
+                asyncio.create_task(
+                    keep_writing(stop, writer, keys, engine=engine, interval_s=0.02, seed=i)
+                )
+                for i in range(2)
+            ]
+            tasks.append(
+                asyncio.create_task(
+                    keep_writing(
+                        stop, writer, keys, base_urls=[workers[0].base_url], interval_s=0.05
+                    )
+                )
+            )
+            await asyncio.sleep(1.0)
+            workers[1].start()
+            await wait_healthy(workers[1:])
+            await asyncio.sleep(2.0)  # writing on across the rebalance, then stop
+            stop.set()
+            await asyncio.wait_for(asyncio.gather(*tasks), 60)
+        records = await consume_ids(
+            kafka_bootstrap, env["KAFKA_EVENTS_TOPIC"], writer.written, timeout=60, settle_s=3
+        )
+        for worker in workers:
+            assert worker.is_running(), worker.log_tail()
+    finally:
+        stop_all(workers)
+    report = analyse(records, writer.written, settings_from_env(env).kafka_partitions)
+    print(f"\nSQLite, 2 workers: {len(writer.written)} events; {report.total} records")
+    assert len(writer.written) >= 10 * len(keys), "the writers wrote too little to tell"
+    assert not report.missing, f"{len(report.missing)} committed events never reached Kafka"
+    assert not report.order_violations, report.order_violations[:10]
+    assert report.duplicates == 0, f"{report.duplicates} duplicates in steady state"
+
+
 # --- kill -9 in the middle of a batch (PostgreSQL) ---------------------------------------
 
 
