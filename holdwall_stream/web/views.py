@@ -60,8 +60,8 @@ def register_views(
                 async with AsyncSession(runtime.engine) as session, session.begin():
                     stored = await store_events(session, events, runtime.target)
             except Exception as exc:
-                # Nothing was stored (the transaction did not commit, or its outcome is
-                # unknown: events are keyed by id, so sending them again is safe).
+                # The transaction rolled back, or (a connection lost during COMMIT) its
+                # outcome is unknown: events are keyed by id, so sending them again is safe.
                 if not is_database_unavailable(exc):
                     log.exception("POST /api/events failed")
                     return self.json(
@@ -74,8 +74,8 @@ def register_views(
                 log.warning("POST /api/events: 503, database unavailable: %s", describe(exc))
                 return self.json(
                     {
-                        "error": "database unavailable: the events were not stored, send "
-                        "them again (the same ids are stored once)",
+                        "error": "database unavailable: the events may not have been stored;"
+                        " send them again (an id is stored once)",
                         "detail": type(exc).__name__,
                     },
                     status=503,
