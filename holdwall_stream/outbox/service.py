@@ -47,6 +47,7 @@ class RelayService(Service):
         self._wake_all = False
         self._wanted: set[int] = set()
         self._database_outage = OutageLog(log, "Outbox relay: database")
+        self._backlog_outage = OutageLog(log, "Outbox backlog count")
 
     def wake(self, partitions: Collection[int] | None = None) -> None:
         """Drains ``partitions`` (all owned ones if None) as soon as possible."""
@@ -118,7 +119,12 @@ class RelayService(Service):
         try:
             await self._relay.backlog()
         except Exception as exc:
-            log.warning("Could not read the outbox backlog: %r", exc)
+            if is_database_unavailable(exc):
+                self._backlog_outage.failed(describe(exc))
+            else:
+                log.warning("Could not read the outbox backlog: %r", exc)
+        else:
+            self._backlog_outage.succeeded()
 
     @Service.timer(RETENTION_INTERVAL_S)
     async def _prune(self) -> None:

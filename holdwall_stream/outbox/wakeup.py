@@ -9,6 +9,8 @@ from collections.abc import Callable, Collection
 import psycopg
 from sqlalchemy.engine import make_url
 
+from holdwall_stream.db.errors import describe
+from holdwall_stream.observability.outage_log import OutageLog
 from holdwall_stream.outbox.writer import OUTBOX_CHANNEL
 
 log = logging.getLogger(__name__)
@@ -48,12 +50,14 @@ async def listen_for_outbox_writes(
     wait for the poll meanwhile: every ``quiet_check_s`` the connection is asked to answer,
     and replaced if it does not within ``liveness_timeout_s``.
     """
+    outage = OutageLog(log, "Outbox LISTEN connection")
     while True:
         try:
             async with await psycopg.AsyncConnection.connect(
                 libpq_url(async_url), autocommit=True
             ) as connection:
                 await connection.execute(f"LISTEN {OUTBOX_CHANNEL}")
+                outage.succeeded()
                 wake(None)  # anything written while we were not listening
                 while True:
                     async for notification in connection.notifies(timeout=quiet_check_s):
@@ -63,5 +67,5 @@ async def listen_for_outbox_writes(
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.warning("Outbox LISTEN connection lost (%r); polling only until it is back", exc)
+            outage.failed(f"{describe(exc)}; the poll wakes the relay meanwhile")
         await asyncio.sleep(reconnect_delay_s)

@@ -114,4 +114,6 @@ async def test_a_connection_gone_silent_is_replaced(
                 written = await write(database_url, ["e"])
                 await wait_until_async(lambda: len(wakes) == 3, timeout=10, message="a wake-up")
                 assert wakes[2] == written
-    assert any("LISTEN connection lost" in r.getMessage() for r in caplog.records)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("Outbox LISTEN connection unavailable" in m for m in messages), messages
+    assert any("Outbox LISTEN connection available again" in m for m in messages), messages
