@@ -89,6 +89,17 @@ class PreparedBatch:
         return len(self.valid) + len(self.invalid)
 
 
+@dataclass(frozen=True, slots=True)
+class PendingDeadLetter:
+    """A message bound for the DLQ, with its failure headers."""
+
+    message: Message
+    value: bytes | None
+    headers: list[tuple[str, bytes]]
+    reason: str
+    error_message: str
+
+
 @dataclass
 class BatchOutcome:
     processed: int = 0
@@ -141,38 +152,70 @@ class EventProcessor:
     async def apply(self, prepared: PreparedBatch) -> BatchOutcome:
         """Takes a prepared batch's effects; returns once they are committed and its dead
         letters acknowledged by the broker. Raises (nothing committed for the valid events,
-        to be redelivered) when the database or the DLQ cannot be reached."""
+        to be redelivered) when the database or the DLQ cannot be reached.
+
+        Dead letters are sent once the transaction committed: a batch given up before (its
+        database connection lost) is redelivered and dead-letters the same messages again,
+        which would otherwise put them in the DLQ twice. Failed events are unclaimed in the
+        transaction, so a crash before the DLQ acknowledged them redelivers them too.
+        """
         outcome = BatchOutcome()
-        pending_dlq: list[asyncio.Future[Any]] = []
-        for message, exc in prepared.invalid:
-            pending_dlq.append(
-                await self._dead_letter(message, exc.reason, "InvalidMessage", exc.detail)
-            )
-            outcome.dead_lettered += 1
+        dead_letters = [
+            self._dead_letter(message, exc.reason, "InvalidMessage", exc.detail)
+            for message, exc in prepared.invalid
+        ]
+        outcome.dead_lettered += len(dead_letters)
+        if prepared.valid:
+            async with self._engine.begin() as connection:
+                await self._process_valid(connection, prepared.valid, outcome, dead_letters)
+        await self._send_dead_letters(dead_letters)
+        return outcome
+
+    async def _send_dead_letters(self, dead_letters: list[PendingDeadLetter]) -> None:
+        """Queues them in batch order (a key's failures stay in order on the DLQ), then
+        waits until the broker acknowledged every one; raises the first failure."""
+        if not dead_letters:
+            return
+        producer = await self._producer.get()
+        pending: list[asyncio.Future[Any]] = []
         try:
-            if prepared.valid:
-                async with self._engine.begin() as connection:
-                    await self._process_valid(connection, prepared.valid, outcome, pending_dlq)
+            for letter in dead_letters:
+                pending.append(
+                    await producer.send(
+                        self._settings.kafka_dlq_topic,
+                        letter.value,
+                        key=letter.message.key,
+                        headers=letter.headers,
+                    )
+                )
+                self._metrics.dlq_sent.labels(reason=letter.reason).inc()
+                message = letter.message
+                log.warning(
+                    "Dead-lettered %s[%d]@%d (%s): %s",
+                    message.topic,
+                    message.partition,
+                    message.offset,
+                    letter.reason,
+                    letter.error_message[:300],
+                )
         except BaseException:
-            for future in pending_dlq:  # the batch is redelivered; their outcome is moot
+            for future in pending:  # the batch is redelivered; their outcome is moot
                 future.add_done_callback(_retrieve_exception)
             raise
-        if pending_dlq:
-            failures = [
-                result
-                for result in await asyncio.gather(*pending_dlq, return_exceptions=True)
-                if isinstance(result, BaseException)
-            ]
-            if failures:
-                raise failures[0]
-        return outcome
+        failures = [
+            result
+            for result in await asyncio.gather(*pending, return_exceptions=True)
+            if isinstance(result, BaseException)
+        ]
+        if failures:
+            raise failures[0]
 
     async def _process_valid(
         self,
         connection: AsyncConnection,
         valid: list[tuple[Message, EventEnvelope]],
         outcome: BatchOutcome,
-        pending_dlq: list[asyncio.Future[Any]],
+        dead_letters: list[PendingDeadLetter],
     ) -> None:
         wanted: dict[uuid.UUID, str] = {}
         for _, envelope in valid:
@@ -197,8 +240,8 @@ class EventProcessor:
             if handler is None:
                 self._metrics.events_unknown_type.inc()
                 if self._settings.pipeline_unknown_type == "dlq":
-                    pending_dlq.append(
-                        await self._dead_letter(
+                    dead_letters.append(
+                        self._dead_letter(
                             message,
                             "unknown_type",
                             "UnknownEventType",
@@ -213,14 +256,14 @@ class EventProcessor:
                     done.add(event_id)
                     failed.discard(event_id)
                 continue
-            future = await self._run_handler(connection, handler, message, envelope)
-            if future is None:
+            dead_letter = await self._run_handler(connection, handler, message, envelope)
+            if dead_letter is None:
                 done.add(event_id)
                 failed.discard(event_id)
                 outcome.processed += 1
                 processed_types[envelope.type] += 1
             else:
-                pending_dlq.append(future)
+                dead_letters.append(dead_letter)
                 failed.add(event_id)
                 outcome.dead_lettered += 1
         if failed:
@@ -272,8 +315,8 @@ class EventProcessor:
         handler: Handler,
         message: Message,
         envelope: EventEnvelope,
-    ) -> asyncio.Future[Any] | None:
-        """None once the handler succeeded; else the pending DLQ send of the event.
+    ) -> PendingDeadLetter | None:
+        """None once the handler succeeded; else the event's dead letter, to be sent.
 
         Each attempt runs in a savepoint of the batch transaction, which the handler can
         write through: a failed attempt's writes are rolled back with it. A failure that
@@ -297,7 +340,7 @@ class EventProcessor:
                 first_failure = first_failure or datetime.now(UTC)
                 permanent = isinstance(exc, PermanentHandlerError)
                 if permanent or attempt == max_attempts:
-                    return await self._dead_letter(
+                    return self._dead_letter(
                         message,
                         "handler_failed",
                         type(exc).__name__,
@@ -324,7 +367,7 @@ class EventProcessor:
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable: the last attempt returns")  # pragma: no cover
 
-    async def _dead_letter(
+    def _dead_letter(
         self,
         message: Message,
         reason: str,
@@ -333,9 +376,8 @@ class EventProcessor:
         event_id: uuid.UUID | None = None,
         attempts: int = 1,
         first_failure_at: datetime | None = None,
-    ) -> asyncio.Future[Any]:
-        """Queues the original message for the DLQ with the failure headers; returns the
-        future of its acknowledgement (awaited before the batch's offsets are committed)."""
+    ) -> PendingDeadLetter:
+        """The original message with the failure headers, for :meth:`_send_dead_letters`."""
         now = datetime.now(UTC)
         info = DeadLetterInfo(
             source="pipeline",
@@ -355,20 +397,7 @@ class EventProcessor:
         # every redelivery, it would stall the partition. It stays readable where it is
         # (the dlq-original-* headers say where); replay skips a dead letter without one.
         value = None if reason == "too_large" else message.value
-        producer = await self._producer.get()
-        future = await producer.send(
-            self._settings.kafka_dlq_topic, value, key=message.key, headers=headers + info.headers()
-        )
-        self._metrics.dlq_sent.labels(reason=reason).inc()
-        log.warning(
-            "Dead-lettered %s[%d]@%d (%s): %s",
-            message.topic,
-            message.partition,
-            message.offset,
-            reason,
-            error_message[:300],
-        )
-        return future
+        return PendingDeadLetter(message, value, headers + info.headers(), reason, error_message)
 
 
 def _retrieve_exception(future: asyncio.Future[Any]) -> None:
