@@ -365,7 +365,7 @@ async def test_losing_the_database_mid_batch_aborts_the_batch_instead_of_dead_le
     # The DLQ holds the two bad messages once each: nothing from the batch that was given
     # up (its dead letters are sent only once a batch committed), nothing twice.
     records = await consume_all(kafka_bootstrap, settings.kafka_dlq_topic, expected=3, timeout=5)
-    assert [r.value for r in records] == [batch[1].value, b"not json"]
+    assert sorted(r.value for r in records) == sorted([batch[1].value, b"not json"])
 
 
 async def test_unknown_types_are_skipped_or_dead_lettered_as_configured(
