@@ -1,4 +1,9 @@
-"""Specific exceptions, each with a message that says what to do."""
+"""Specific exceptions, each with a message that says what to do, and the worker's exit codes."""
+
+# A worker that cannot start exits with one line and one of these (the orchestrator's
+# restart policy can tell them apart).
+EXIT_BAD_SETTING = 2
+EXIT_DATABASE_UNAVAILABLE = 3
 
 
 class HoldwallError(Exception):

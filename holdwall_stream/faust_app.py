@@ -20,7 +20,13 @@ from mode import ServiceT
 
 from holdwall_stream.db.errors import describe, is_database_unavailable
 from holdwall_stream.db.schema import init_schema
-from holdwall_stream.errors import DatabaseUnavailableError, HandlerConfigError, SettingsError
+from holdwall_stream.errors import (
+    EXIT_BAD_SETTING,
+    EXIT_DATABASE_UNAVAILABLE,
+    DatabaseUnavailableError,
+    HandlerConfigError,
+    SettingsError,
+)
 from holdwall_stream.event_loop import running_loop_name, use_preferred_loop
 from holdwall_stream.messaging.client import build_ssl_context
 from holdwall_stream.messaging.topics import ensure_topics
@@ -66,12 +72,15 @@ class HoldwallApp(faust.App):
         except Exception as exc:
             if not is_database_unavailable(exc):
                 raise
-            # One line that says what to do, instead of the driver's traceback.
-            raise DatabaseUnavailableError(
+            # One line that says what to do. Raised as an exception, mode would log it with
+            # a traceback of its own start-up machinery; SystemExit passes mode by.
+            error = DatabaseUnavailableError(
                 f"cannot reach the database at {settings.database_url_redacted} "
                 f"(DATABASE_URL): {describe(exc)}; start it or correct DATABASE_URL, then "
                 "start the worker again"
-            ) from None
+            )
+            log.error("%s: %s", type(error).__name__, error)
+            raise SystemExit(EXIT_DATABASE_UNAVAILABLE) from None
         if not settings.kafka_enabled:
             return
         try:
@@ -236,7 +245,7 @@ def _create_app_or_exit() -> HoldwallApp:
         return create_app(load_settings())
     except (SettingsError, HandlerConfigError) as exc:
         print(f"holdwall-stream: invalid setting: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(EXIT_BAD_SETTING) from None
 
 
 use_preferred_loop(os.environ)

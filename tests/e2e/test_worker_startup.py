@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from holdwall_stream.embedded import free_port
+from holdwall_stream.errors import EXIT_BAD_SETTING, EXIT_DATABASE_UNAVAILABLE
 from tests.support.processes import WorkerProcess
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
@@ -30,7 +31,7 @@ async def test_a_bad_setting_stops_the_worker_with_one_line_naming_it(tmp_path: 
         {"KAFKA_ENABLED": "false", "OUTBOX_BATCH_SIZE": "a thousand"}, tmp_path / "worker"
     )
     worker.start()
-    assert await _exit_code(worker) == 2
+    assert await _exit_code(worker) == EXIT_BAD_SETTING
     [line] = [line for line in worker.log_text().splitlines() if "invalid setting" in line]
     assert "OUTBOX_BATCH_SIZE" in line
     assert "Traceback" not in worker.log_text()
@@ -42,11 +43,10 @@ async def test_an_unreachable_database_stops_the_worker_saying_where_without_the
     nowhere = f"postgresql://holdwall:{PASSWORD}@127.0.0.1:{free_port()}/holdwall"
     worker = WorkerProcess({"KAFKA_ENABLED": "false", "DATABASE_URL": nowhere}, tmp_path / "worker")
     worker.start()
-    assert await _exit_code(worker) != 0
+    assert await _exit_code(worker) == EXIT_DATABASE_UNAVAILABLE
     log = worker.log_text()
     [line] = [line for line in log.splitlines() if "DatabaseUnavailableError: " in line]
     assert "cannot reach the database at postgresql+psycopg://holdwall:***@127.0.0.1" in line
     assert "(DATABASE_URL)" in line and "Connection refused" in line
     assert PASSWORD not in log
-    # The driver's own traceback (and SQLAlchemy's, chained to it) is left out.
-    assert "psycopg/connection_async.py" not in log
+    assert "Traceback" not in log  # neither the driver's nor Faust's start-up machinery's
