@@ -37,6 +37,7 @@ from tests.support.relay_harness import (
     stop_all,
     topic_is_empty,
     wait_healthy,
+    write_while_workers_join,
 )
 from tests.support.tcp_proxy import TcpProxy
 from tests.support.worker_env import query, worker_env
@@ -90,29 +91,9 @@ async def steady_run(
         writer = KeyedWriter(_target(env))
         try:
             async with engine_for(env) as engine:
-                workers[0].start()
-                await wait_healthy(workers[:1])
-                stop = asyncio.Event()
-                tasks = [
-                    asyncio.create_task(
-                        keep_writing(stop, writer, KEYS, engine=engine, interval_s=0.02, seed=i)
-                    )
-                    for i in range(4)
-                ]
-                tasks.append(
-                    asyncio.create_task(
-                        keep_writing(
-                            stop, writer, KEYS, base_urls=[workers[0].base_url], interval_s=0.05
-                        )
-                    )
+                transactions = await write_while_workers_join(
+                    workers, writer, KEYS, engine, database_writers=4, stop_within_s=30
                 )
-                await asyncio.sleep(1.0)
-                workers[1].start()
-                workers[2].start()
-                await wait_healthy(workers[1:])
-                await asyncio.sleep(2.0)  # writing on across the rebalance, then stop
-                stop.set()
-                transactions = sum(await asyncio.wait_for(asyncio.gather(*tasks), 30))
             records = await consume_ids(
                 kafka_bootstrap, env["KAFKA_EVENTS_TOPIC"], writer.written, timeout=60, settle_s=3
             )
@@ -169,28 +150,9 @@ async def test_two_workers_on_sqlite_take_turns_and_keep_order_without_duplicate
     keys = KEYS[:20]
     try:
         async with engine_for(env) as engine:
-            workers[0].start()
-            await wait_healthy(workers[:1])
-            stop = asyncio.Event()
-            tasks = [
-                asyncio.create_task(
-                    keep_writing(stop, writer, keys, engine=engine, interval_s=0.02, seed=i)
-                )
-                for i in range(2)
-            ]
-            tasks.append(
-                asyncio.create_task(
-                    keep_writing(
-                        stop, writer, keys, base_urls=[workers[0].base_url], interval_s=0.05
-                    )
-                )
+            await write_while_workers_join(
+                workers, writer, keys, engine, database_writers=2, stop_within_s=60
             )
-            await asyncio.sleep(1.0)
-            workers[1].start()
-            await wait_healthy(workers[1:])
-            await asyncio.sleep(2.0)  # writing on across the rebalance, then stop
-            stop.set()
-            await asyncio.wait_for(asyncio.gather(*tasks), 60)
         records = await consume_ids(
             kafka_bootstrap, env["KAFKA_EVENTS_TOPIC"], writer.written, timeout=60, settle_s=3
         )

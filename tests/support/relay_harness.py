@@ -300,6 +300,42 @@ async def wait_healthy(
     await asyncio.gather(*(one(w) for w in workers))
 
 
+async def write_while_workers_join(
+    workers: Sequence[WorkerProcess],
+    writer: KeyedWriter,
+    keys: Sequence[str],
+    engine: AsyncEngine,
+    *,
+    database_writers: int,
+    stop_within_s: float,
+) -> int:
+    """The first worker starts; ``database_writers`` writers straight into the database and
+    one over HTTP to it begin; the other workers join while they write, so partitions move
+    between workers mid-flow; writing stops 2 s after they are healthy. Returns how many
+    transactions the writers committed."""
+    workers[0].start()
+    await wait_healthy(workers[:1])
+    stop = asyncio.Event()
+    tasks = [
+        asyncio.create_task(
+            keep_writing(stop, writer, keys, engine=engine, interval_s=0.02, seed=i)
+        )
+        for i in range(database_writers)
+    ]
+    tasks.append(
+        asyncio.create_task(
+            keep_writing(stop, writer, keys, base_urls=[workers[0].base_url], interval_s=0.05)
+        )
+    )
+    await asyncio.sleep(1.0)
+    for worker in workers[1:]:
+        worker.start()
+    await wait_healthy(workers[1:])
+    await asyncio.sleep(2.0)  # writing on across the rebalance, then stop
+    stop.set()
+    return sum(await asyncio.wait_for(asyncio.gather(*tasks), stop_within_s))
+
+
 def stop_all(workers: Sequence[WorkerProcess]) -> None:
     """SIGTERM to every worker at once, then wait for each (SIGKILL after the grace)."""
     for worker in workers:
