@@ -182,9 +182,13 @@ class CpuSplit:
         """Cores of the system under test: PostgreSQL and this benchmark's processes."""
         return {name: cores for name, cores in self.cores.items() if not name.startswith("other ")}
 
+    def cores_used(self) -> float:
+        """Cores the system under test used in all."""
+        return sum(self.ours().values())
+
     def us_per_item(self, rate: float) -> float:
         """CPU microseconds the system under test spent per item at ``rate`` items/s."""
-        return sum(self.ours().values()) / rate * 1e6
+        return self.cores_used() / rate * 1e6
 
     def describe_per_item(self, rate: float) -> str:
         """CPU microseconds per item by process, e.g. "postgres 16.4 + python 1.6 = 18.0 us"."""

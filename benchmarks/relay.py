@@ -1026,15 +1026,16 @@ def cpu_against_ceiling(
     what the Kafka side (aiokafka, the broker) adds per event, the second what the relay
     leaves idle while it waits for acknowledgements.
     """
-    per_event = ceiling_cpu.us_per_item(ceiling) / cpu.us_per_item(rate)
-    relay_cores, ceiling_cores = sum(cpu.ours().values()), sum(ceiling_cpu.ours().values())
+    ceiling_us, relay_us = ceiling_cpu.us_per_item(ceiling), cpu.us_per_item(rate)
+    per_event = ceiling_us / relay_us
+    relay_cores, ceiling_cores = cpu.cores_used(), ceiling_cpu.cores_used()
     return Measurement(
         "(b) sustained",
         "relay / ceiling, CPU per event alone",
         per_event,
         "",
-        note=f"ceiling {ceiling_cpu.us_per_item(ceiling):.1f} us per row at {ceiling_cores:.2f}"
-        f" cores, relay {cpu.us_per_item(rate):.1f} us per event at {relay_cores:.2f} cores:"
+        note=f"ceiling {ceiling_us:.1f} us per row at {ceiling_cores:.2f}"
+        f" cores, relay {relay_us:.1f} us per event at {relay_cores:.2f} cores:"
         f" relay / ceiling = {per_event:.2f} x {relay_cores / ceiling_cores:.2f} (cores used)"
         f" = {rate / ceiling:.2f}",
     )
