@@ -260,7 +260,11 @@ async def test_the_pipeline_still_consumes_afterwards(running: Running) -> None:
     await produce(running.bootstrap, running.topic, [(key, value, headers)])
 
     async def done() -> bool:
-        return str(final.id) in await processed_ids(running.database_url)
+        # The row is stored before the offset commit and the counter that follows it.
+        consumed = consumer_check(running.worker)["events_consumed"]
+        return consumed > running.sent and str(final.id) in await processed_ids(
+            running.database_url
+        )
 
     await wait_until_async(done, timeout=SETTLE_TIMEOUT_S, message="the final event processed")
     body = health(running.worker)
