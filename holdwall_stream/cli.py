@@ -10,7 +10,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from holdwall_stream.errors import HoldwallError, SettingsError
+from holdwall_stream.errors import EXIT_DATABASE_UNAVAILABLE, HoldwallError, SettingsError
 from holdwall_stream.settings import Settings, load_settings
 
 EXIT_FAILED = 1
@@ -75,6 +75,14 @@ def main(argv: list[str] | None = None) -> int:
     except HoldwallError as exc:
         print(f"holdwall-stream: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except Exception as exc:
+        from holdwall_stream.db.errors import is_database_unavailable, unreachable
+
+        if not is_database_unavailable(exc):
+            raise
+        error = unreachable(settings, exc, then="run the command again")
+        print(f"holdwall-stream: {error}", file=sys.stderr)
+        return EXIT_DATABASE_UNAVAILABLE
 
 
 def _ddl(args: argparse.Namespace) -> int:

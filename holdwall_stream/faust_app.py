@@ -18,12 +18,11 @@ import faust
 from faust.app.base import BootStrategy
 from mode import ServiceT
 
-from holdwall_stream.db.errors import describe, is_database_unavailable
+from holdwall_stream.db.errors import is_database_unavailable, unreachable
 from holdwall_stream.db.schema import init_schema
 from holdwall_stream.errors import (
     EXIT_BAD_SETTING,
     EXIT_DATABASE_UNAVAILABLE,
-    DatabaseUnavailableError,
     HandlerConfigError,
     SettingsError,
 )
@@ -74,11 +73,7 @@ class HoldwallApp(faust.App):
                 raise
             # One line that says what to do. Raised as an exception, mode would log it with
             # a traceback of its own start-up machinery; SystemExit passes mode by.
-            error = DatabaseUnavailableError(
-                f"cannot reach the database at {settings.database_url_redacted} "
-                f"(DATABASE_URL): {describe(exc)}; start it or correct DATABASE_URL, then "
-                "start the worker again"
-            )
+            error = unreachable(settings, exc, then="start the worker again")
             log.error("%s: %s", type(error).__name__, error)
             raise SystemExit(EXIT_DATABASE_UNAVAILABLE) from None
         if not settings.kafka_enabled:

@@ -115,6 +115,7 @@ class Settings(BaseSettings):
 
     # --- this project ---
     database_url: SecretStr = SecretStr("sqlite:///./holdwall.db")
+    database_timeout_ms: int = Field(10_000, ge=1000, le=600_000)
     web_host: str = "0.0.0.0"
     web_port: int = Field(3000, ge=1, le=65535)
     faust_data_dir: Path = Path("./holdwall-data")

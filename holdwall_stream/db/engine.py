@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import psycopg
 from sqlalchemy import event
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
     AsyncEngine,
@@ -17,6 +19,9 @@ from sqlalchemy.ext.asyncio import (
 from holdwall_stream.settings import Settings
 
 SQLITE_BUSY_TIMEOUT_S = 30
+# libpq waits at least 2 s for a connection, whatever connect_timeout says.
+LIBPQ_MIN_CONNECT_TIMEOUT_S = 2
+KEEPALIVE_PROBES = 3
 
 
 def create_engine(settings: Settings, **engine_options: Any) -> AsyncEngine:
@@ -27,9 +32,39 @@ def create_engine(settings: Settings, **engine_options: Any) -> AsyncEngine:
         )
         _serialise_sqlite_writers(engine)
         return engine
-    options: dict[str, Any] = {"pool_size": 10, "max_overflow": 10, "pool_pre_ping": True}
+    options: dict[str, Any] = {
+        "pool_size": 10,
+        "max_overflow": 10,
+        "pool_pre_ping": True,
+        "connect_args": silent_server_timeouts(settings),
+    }
     options.update(engine_options)
     return create_async_engine(url, **options)
+
+
+def silent_server_timeouts(settings: Settings) -> dict[str, int]:
+    """libpq options that give up on a PostgreSQL server which stops answering.
+
+    libpq waits forever by default: for a server that accepts the connection and says
+    nothing (an overloaded or half-dead host, a proxy whose backend is gone), and for one
+    that vanished mid-query (a failover without a reset) until the kernel gives up,
+    ~15 minutes. Meanwhile the worker would neither start, fail nor relay.
+    DATABASE_TIMEOUT_MS bounds connecting, and how long sent data or a keepalive probe
+    may stay unacknowledged; a connection idle that long is probed. Options the
+    DATABASE_URL sets itself win.
+    """
+    timeout_ms = settings.database_timeout_ms
+    timeout_s = max(LIBPQ_MIN_CONNECT_TIMEOUT_S, math.ceil(timeout_ms / 1000))
+    options = {
+        "connect_timeout": timeout_s,
+        "keepalives": 1,
+        "keepalives_idle": timeout_s,
+        "keepalives_interval": max(1, timeout_s // KEEPALIVE_PROBES),
+        "keepalives_count": KEEPALIVE_PROBES,
+        "tcp_user_timeout": timeout_ms,
+    }
+    chosen_in_url = make_url(settings.async_database_url).query
+    return {name: value for name, value in options.items() if name not in chosen_in_url}
 
 
 def _serialise_sqlite_writers(engine: AsyncEngine) -> None:

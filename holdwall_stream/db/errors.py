@@ -10,6 +10,9 @@ import psycopg
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
+from holdwall_stream.errors import DatabaseUnavailableError
+from holdwall_stream.settings import Settings
+
 
 def is_database_unavailable(exc: BaseException) -> bool:
     """A lost or refused connection, no pooled connection in time, or PostgreSQL's other
@@ -28,3 +31,13 @@ def describe(exc: BaseException) -> str:
     cause = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
     lines = str(cause).strip().splitlines()
     return f"{type(cause).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+
+
+def unreachable(settings: Settings, exc: BaseException, *, then: str) -> DatabaseUnavailableError:
+    """The one line a worker or command that cannot start without the database ends with;
+    ``then`` says what to run again."""
+    return DatabaseUnavailableError(
+        f"cannot reach the database at {settings.database_url_redacted} (DATABASE_URL, "
+        f"DATABASE_TIMEOUT_MS={settings.database_timeout_ms}): {describe(exc)}; start it or "
+        f"correct DATABASE_URL, then {then}"
+    )

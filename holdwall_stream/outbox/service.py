@@ -8,6 +8,7 @@ from collections.abc import Callable, Collection
 
 from mode import Service
 
+from holdwall_stream.db.engine import silent_server_timeouts
 from holdwall_stream.db.errors import describe, is_database_unavailable
 from holdwall_stream.observability.outage_log import OutageLog
 from holdwall_stream.outbox.relay import OutboxRelay
@@ -60,7 +61,13 @@ class RelayService(Service):
     async def on_start(self) -> None:
         await self._relay.prepare()
         if self._settings.database_dialect == "postgresql":
-            self.add_future(listen_for_outbox_writes(self._settings.async_database_url, self.wake))
+            self.add_future(
+                listen_for_outbox_writes(
+                    self._settings.async_database_url,
+                    self.wake,
+                    connect_options=silent_server_timeouts(self._settings),
+                )
+            )
 
     async def on_stop(self) -> None:
         """Lets batches in flight finish (their rows are re-sent if cut short), then stops."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 
 import psycopg
 from sqlalchemy.engine import make_url
@@ -38,6 +38,7 @@ async def listen_for_outbox_writes(
     async_url: str,
     wake: Callable[[Collection[int] | None], None],
     *,
+    connect_options: Mapping[str, int] | None = None,
     quiet_check_s: float = QUIET_CHECK_S,
     liveness_timeout_s: float = LIVENESS_TIMEOUT_S,
     reconnect_delay_s: float = RECONNECT_DELAY_S,
@@ -48,13 +49,14 @@ async def listen_for_outbox_writes(
     A connection that died without a word (a network partition, a failover behind a
     proxy) would stay quiet until TCP gave up on it, hours later, and every write would
     wait for the poll meanwhile: every ``quiet_check_s`` the connection is asked to answer,
-    and replaced if it does not within ``liveness_timeout_s``.
+    and replaced if it does not within ``liveness_timeout_s``. ``connect_options`` are
+    libpq's (db.engine.silent_server_timeouts), so a reconnect cannot hang either.
     """
     outage = OutageLog(log, "Outbox LISTEN connection")
     while True:
         try:
             async with await psycopg.AsyncConnection.connect(
-                libpq_url(async_url), autocommit=True
+                libpq_url(async_url), autocommit=True, **(connect_options or {})
             ) as connection:
                 await connection.execute(f"LISTEN {OUTBOX_CHANNEL}")
                 outage.succeeded()

@@ -6,17 +6,31 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy.engine import make_url
 
 from holdwall_stream.embedded import free_port
 from holdwall_stream.errors import EXIT_BAD_SETTING, EXIT_DATABASE_UNAVAILABLE
+from tests.support.pipeline import run_cli
 from tests.support.processes import WorkerProcess
+from tests.support.tcp_proxy import TcpProxy
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
 PASSWORD = "s3cret-pw"
+DATABASE_TIMEOUT_MS = 2000
+
+
+@pytest.fixture
+def database_that_never_answers(pg_admin_url: str) -> Iterator[str]:
+    """A DATABASE_URL whose server accepts connections and then says nothing."""
+    server = make_url(pg_admin_url)
+    with TcpProxy(server.host or "127.0.0.1", server.port or 5432) as proxy:
+        proxy.hang()
+        yield f"postgresql://holdwall:{PASSWORD}@{proxy.address}/holdwall"
 
 
 async def _exit_code(worker: WorkerProcess, timeout: float = 60.0) -> int:
@@ -47,6 +61,47 @@ async def test_an_unreachable_database_stops_the_worker_saying_where_without_the
     log = worker.log_text()
     [line] = [line for line in log.splitlines() if "DatabaseUnavailableError: " in line]
     assert "cannot reach the database at postgresql+psycopg://holdwall:***@127.0.0.1" in line
-    assert "(DATABASE_URL)" in line and "Connection refused" in line
+    assert "(DATABASE_URL, DATABASE_TIMEOUT_MS=" in line and "Connection refused" in line
     assert PASSWORD not in log
     assert "Traceback" not in log  # neither the driver's nor Faust's start-up machinery's
+
+
+async def test_a_database_that_never_answers_stops_the_worker_within_the_timeout(
+    tmp_path: Path, database_that_never_answers: str
+) -> None:
+    """libpq would wait for the server's first word forever: no start, no error, no exit."""
+    worker = WorkerProcess(
+        {
+            "KAFKA_ENABLED": "false",
+            "DATABASE_URL": database_that_never_answers,
+            "DATABASE_TIMEOUT_MS": str(DATABASE_TIMEOUT_MS),
+        },
+        tmp_path / "worker",
+    )
+    worker.start()
+    assert await _exit_code(worker, timeout=30) == EXIT_DATABASE_UNAVAILABLE
+    log = worker.log_text()
+    [line] = [line for line in log.splitlines() if "DatabaseUnavailableError: " in line]
+    assert f"DATABASE_TIMEOUT_MS={DATABASE_TIMEOUT_MS}): ConnectionTimeout" in line
+    assert PASSWORD not in log
+    assert "Traceback" not in log
+
+
+def test_a_command_against_a_database_that_never_answers_ends_with_one_line(
+    database_that_never_answers: str,
+) -> None:
+    """Without a bound on connecting, `db init` would hang here until run_cli's timeout."""
+    result = run_cli(
+        {
+            "KAFKA_ENABLED": "false",
+            "DATABASE_URL": database_that_never_answers,
+            "DATABASE_TIMEOUT_MS": str(DATABASE_TIMEOUT_MS),
+        },
+        *("db", "init"),
+        timeout=30,
+    )
+    assert result.returncode == EXIT_DATABASE_UNAVAILABLE, result.stderr
+    [line] = result.stderr.splitlines()
+    assert line.startswith("holdwall-stream: cannot reach the database at postgresql+psycopg:")
+    assert "ConnectionTimeout" in line and "run the command again" in line
+    assert PASSWORD not in result.stderr

@@ -6,7 +6,8 @@ it through the proxy, and :meth:`TcpProxy.cut` drops all connections and refuses
 (the listening socket is closed, so connects get ECONNREFUSED) until :meth:`restore`.
 :meth:`TcpProxy.silence` is the quieter failure: the open connections stay open but carry
 nothing any more (as across a network partition, where no reset ever arrives), while new
-connections work.
+connections work. :meth:`TcpProxy.hang` silences new connections too: a server that
+accepts and never answers (overloaded, or a load balancer whose backend is gone).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class TcpProxy:
         self._writers: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._open: set[_Link] = set()
+        self._hanging = False
 
     @property
     def address(self) -> str:
@@ -90,6 +92,11 @@ class TcpProxy:
         """From now on the connections open now drop whatever is sent either way."""
         for link in list(self._open):
             link.silenced = True
+
+    def hang(self) -> None:
+        """Silences the open connections and every one accepted from now on."""
+        self._hanging = True
+        self.silence()
 
     def stop(self) -> None:
         if self._loop is None or self._thread is None:
@@ -144,6 +151,7 @@ class TcpProxy:
         self.connections_accepted += 1
         self._writers.update((client_writer, upstream_writer))
         link = _Link()
+        link.silenced = self._hanging
         self._open.add(link)
         pumps = [
             asyncio.create_task(self._pump(client_reader, upstream_writer, link)),
@@ -187,7 +195,8 @@ class TcpProxy:
 
 
 class _Link:
-    """One proxied connection; ``silenced`` once :meth:`TcpProxy.silence` was called."""
+    """One proxied connection; ``silenced`` once :meth:`TcpProxy.silence` or
+    :meth:`TcpProxy.hang` was called."""
 
     def __init__(self) -> None:
         self.silenced = False
