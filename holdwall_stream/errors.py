@@ -36,3 +36,8 @@ class HandlerConfigError(HoldwallError):
 
 class DatabaseUnavailableError(HoldwallError):
     """The database cannot be reached; the message names DATABASE_URL (password hidden)."""
+
+
+class DatabaseStalledError(HoldwallError):
+    """A unit of database work outlived its deadline: the server stopped answering without
+    closing the connection. The work was given up and the pool's connections dropped."""

@@ -10,19 +10,20 @@ import psycopg
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
-from holdwall_stream.errors import DatabaseUnavailableError
+from holdwall_stream.errors import DatabaseStalledError, DatabaseUnavailableError
 from holdwall_stream.settings import Settings
 
 
 def is_database_unavailable(exc: BaseException) -> bool:
-    """A lost or refused connection, no pooled connection in time, or PostgreSQL's other
-    transient failures (its OperationalError: shutdown, deadlock, serialization).
+    """A lost or refused connection, no pooled connection in time, a server that stopped
+    answering, or PostgreSQL's other transient failures (its OperationalError: shutdown,
+    deadlock, serialization).
 
     Not SQLite's OperationalError: sqlite3 raises it for a missing table or bad SQL too.
     """
     if isinstance(exc, DBAPIError):
         return exc.connection_invalidated or isinstance(exc.orig, psycopg.OperationalError)
-    return isinstance(exc, PoolTimeoutError | OSError | TimeoutError)
+    return isinstance(exc, PoolTimeoutError | OSError | TimeoutError | DatabaseStalledError)
 
 
 def describe(exc: BaseException) -> str:

@@ -24,7 +24,7 @@ from aiokafka.producer.message_accumulator import BatchBuilder
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from holdwall_stream.db.errors import describe, is_database_unavailable
-from holdwall_stream.errors import CircuitOpenError
+from holdwall_stream.errors import CircuitOpenError, DatabaseStalledError
 from holdwall_stream.messaging.dead_letter import DeadLetterInfo
 from holdwall_stream.messaging.producer import KafkaProducer
 from holdwall_stream.observability.metrics import Metrics
@@ -66,6 +66,14 @@ class OutboxRelay:
         self._retry_at: dict[int, float] = {}
         self._published_log: deque[tuple[float, int]] = deque()
         self._backlog = CachedBacklog(self._count_backlog)
+        # Claim, produce (bounded by KAFKA_REQUEST_TIMEOUT) and mark: longer than this, and
+        # PostgreSQL has stopped answering on a connection the kernel still sees alive. (A
+        # SQLite file cannot go silent; its lock waits are bounded by its busy timeout.)
+        self._stalled_after_s = (
+            (settings.kafka_request_timeout + settings.database_timeout_ms) / 1000
+            if self._parallel
+            else None
+        )
         self.last_error: str | None = None
         self.last_success_at: float | None = None
 
@@ -151,8 +159,10 @@ class OutboxRelay:
         claimed: list[ClaimedRow] = []
         sent = 0
         held = self._held.get(partition)
+        stall = asyncio.timeout(self._stalled_after_s)
         try:
             async with (
+                stall,
                 held.use() if held else self._engine.connect() as connection,
                 connection.begin(),
             ):
@@ -180,12 +190,26 @@ class OutboxRelay:
                 oldest = store.oldest_written_at(claimed)
                 self._metrics.outbox_relay_delay.observe(max(0.0, time.time() - oldest))
         except Exception as exc:
+            if stall.expired():
+                raise await self._stalled(partition) from None
             if claimed:
                 await self._record_failure(claimed, f"{type(exc).__name__}: {exc}")
             raise
         self._note_published(sent)
         self._metrics.outbox_batch_size.observe(len(claimed))
         return len(claimed)
+
+    async def _stalled(self, partition: int) -> DatabaseStalledError:
+        """A batch outlived its deadline: its connection (cancelled, then closed by the
+        driver) was not the only one the silent server holds. Every idle pooled connection
+        would stall the next checkout's ping the same way, so the pool starts afresh."""
+        await self._engine.dispose()
+        return DatabaseStalledError(
+            f"outbox partition {partition}: a relay batch did not finish within "
+            f"{self._stalled_after_s:g} s (KAFKA_REQUEST_TIMEOUT + DATABASE_TIMEOUT_MS); the "
+            "database stopped answering. Its connections were dropped and the batch is "
+            "retried (rows it had produced are published again)"
+        )
 
     async def _dead_letter(
         self, connection: AsyncConnection, partition: int, too_large: list[TooLarge]

@@ -10,6 +10,7 @@ from sqlalchemy.exc import DataError, IntegrityError, OperationalError, Programm
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from holdwall_stream.db.errors import describe, is_database_unavailable
+from holdwall_stream.errors import DatabaseStalledError
 
 
 class _DriverError(Exception):
@@ -25,8 +26,9 @@ class _DriverError(Exception):
         PoolTimeoutError("QueuePool limit of size 5 overflow 10 reached"),
         ConnectionRefusedError(111, "Connection refused"),
         TimeoutError(),
+        DatabaseStalledError("outbox partition 0: a relay batch did not finish within 40 s"),
     ],
-    ids=["lost", "shutdown", "deadlock", "pool-timeout", "refused", "timeout"],
+    ids=["lost", "shutdown", "deadlock", "pool-timeout", "refused", "timeout", "stalled"],
 )
 def test_a_lost_or_refused_connection_is_worth_a_retry(error: BaseException) -> None:
     assert is_database_unavailable(error)
