@@ -23,6 +23,7 @@ from aiokafka.errors import KafkaConnectionError, KafkaError
 from aiokafka.producer.message_accumulator import BatchBuilder
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from holdwall_stream.db.deadline import stall_deadline
 from holdwall_stream.db.errors import describe, is_database_unavailable
 from holdwall_stream.errors import CircuitOpenError, DatabaseStalledError
 from holdwall_stream.messaging.dead_letter import DeadLetterInfo
@@ -159,10 +160,14 @@ class OutboxRelay:
         claimed: list[ClaimedRow] = []
         sent = 0
         held = self._held.get(partition)
-        stall = asyncio.timeout(self._stalled_after_s)
         try:
             async with (
-                stall,
+                stall_deadline(
+                    self._engine,
+                    self._stalled_after_s,
+                    f"a relay batch of outbox partition {partition} (claim, produce, mark)",
+                    "KAFKA_REQUEST_TIMEOUT + DATABASE_TIMEOUT_MS",
+                ),
                 held.use() if held else self._engine.connect() as connection,
                 connection.begin(),
             ):
@@ -189,27 +194,15 @@ class OutboxRelay:
                 self._metrics.outbox_publish_latency.observe(time.perf_counter() - started)
                 oldest = store.oldest_written_at(claimed)
                 self._metrics.outbox_relay_delay.observe(max(0.0, time.time() - oldest))
+        except DatabaseStalledError:
+            raise  # recording the failure would wait on the same database
         except Exception as exc:
-            if stall.expired():
-                raise await self._stalled(partition) from None
             if claimed:
                 await self._record_failure(claimed, f"{type(exc).__name__}: {exc}")
             raise
         self._note_published(sent)
         self._metrics.outbox_batch_size.observe(len(claimed))
         return len(claimed)
-
-    async def _stalled(self, partition: int) -> DatabaseStalledError:
-        """A batch outlived its deadline: its connection (cancelled, then closed by the
-        driver) was not the only one the silent server holds. Every idle pooled connection
-        would stall the next checkout's ping the same way, so the pool starts afresh."""
-        await self._engine.dispose()
-        return DatabaseStalledError(
-            f"outbox partition {partition}: a relay batch did not finish within "
-            f"{self._stalled_after_s:g} s (KAFKA_REQUEST_TIMEOUT + DATABASE_TIMEOUT_MS); the "
-            "database stopped answering. Its connections were dropped and the batch is "
-            "retried (rows it had produced are published again)"
-        )
 
     async def _dead_letter(
         self, connection: AsyncConnection, partition: int, too_large: list[TooLarge]

@@ -1,0 +1,38 @@
+"""A deadline for a unit of database work, against a server that stops answering.
+
+Connections to a PostgreSQL that went silent behind a proxy (or hung) stay open to the
+kernel, so neither libpq's TCP options nor the driver ever give up on them: the work would
+wait forever. Past the deadline it is cancelled (psycopg asks the server to cancel and
+closes the connection when that goes unanswered for 5 s), and the pool starts afresh,
+since each idle connection would stall the next checkout's ping the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from holdwall_stream.errors import DatabaseStalledError
+
+
+@asynccontextmanager
+async def stall_deadline(
+    engine: AsyncEngine, seconds: float | None, work: str, limit: str
+) -> AsyncIterator[None]:
+    """Raises DatabaseStalledError naming ``work`` and ``limit`` (the settings behind
+    ``seconds``) if the block runs longer; None means no deadline."""
+    deadline = asyncio.timeout(seconds)
+    try:
+        async with deadline:
+            yield
+    except TimeoutError:
+        if not deadline.expired():
+            raise
+        await engine.dispose()
+        raise DatabaseStalledError(
+            f"{work} did not finish within {seconds:g} s ({limit}); the database stopped "
+            "answering. Its connections were dropped; the work is retried on new ones"
+        ) from None
