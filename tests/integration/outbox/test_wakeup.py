@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Collection
+from typing import Any
 
 import psycopg
 import pytest
@@ -39,7 +40,7 @@ async def database_url(pg_admin_url: str) -> AsyncIterator[str]:
 
 
 @contextlib.asynccontextmanager
-async def listening(url: str, **options: float) -> AsyncIterator[Wakes]:
+async def listening(url: str, **options: Any) -> AsyncIterator[Wakes]:
     """The listener on ``url`` in a task; yields the wake-ups it made, in order."""
     wakes: Wakes = []
 
@@ -117,3 +118,29 @@ async def test_a_connection_gone_silent_is_replaced(
     messages = [r.getMessage() for r in caplog.records]
     assert any("Outbox LISTEN connection unavailable" in m for m in messages), messages
     assert any("Outbox LISTEN connection available again" in m for m in messages), messages
+
+
+async def test_reconnecting_to_a_server_that_never_answers_gives_up_and_tries_again(
+    database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Without libpq's connect_timeout the first reconnect would wait for the server's
+    first word forever, and no later one would ever be tried."""
+    url = make_url(database_url)
+    with TcpProxy(url.host or "127.0.0.1", url.port or 5432) as proxy:
+        via_proxy = url.set(host=proxy.listen_host, port=proxy.listen_port)
+        with caplog.at_level(logging.WARNING, logger="holdwall_stream.outbox.wakeup"):
+            async with listening(
+                via_proxy.render_as_string(hide_password=False),
+                connect_options={"connect_timeout": 2},
+                quiet_check_s=0.3,
+                liveness_timeout_s=1.0,
+                reconnect_delay_s=0.1,
+            ):
+                proxy.hang()
+                await wait_until_async(
+                    lambda: proxy.connections_accepted >= 4,
+                    timeout=30,
+                    message="reconnect attempts, each given up after connect_timeout",
+                )
+    unavailable = [r for r in caplog.records if "LISTEN connection unavailable" in r.getMessage()]
+    assert len(unavailable) == 1, [r.getMessage() for r in caplog.records]  # once, not per try
