@@ -5,6 +5,12 @@ kernel, so neither libpq's TCP options nor the driver ever give up on them: the 
 wait forever. Past the deadline it is cancelled (psycopg asks the server to cancel and
 closes the connection when that goes unanswered for 5 s), and the pool starts afresh,
 since each idle connection would stall the next checkout's ping the same way.
+
+Only for work whose connection may be lost with it: SQLAlchemy invalidates a connection
+whose statement is interrupted by a cancellation (CancelledError counts as a disconnect),
+even when the server confirmed the cancel. Around a handler attempt inside the pipeline's
+batch transaction, a slow statement would thus cost the whole batch, redelivered and
+timed out again forever; bounding those statements is the server's statement_timeout.
 """
 
 from __future__ import annotations
