@@ -134,6 +134,7 @@ class Settings(BaseSettings):
 
     pipeline_max_attempts: int = Field(3, ge=1, le=100)
     pipeline_retry_backoff_ms: PositiveMs = 200
+    pipeline_handler_timeout_ms: int = Field(30_000, ge=1, le=3_600_000)
     pipeline_handlers: str = ""
     pipeline_unknown_type: Literal["skip", "dlq"] = "skip"
     lag_refresh_interval_ms: PositiveMs = 5000

@@ -8,9 +8,8 @@ since each idle connection would stall the next checkout's ping the same way.
 
 Only for work whose connection may be lost with it: SQLAlchemy invalidates a connection
 whose statement is interrupted by a cancellation (CancelledError counts as a disconnect),
-even when the server confirmed the cancel. Around a handler attempt inside the pipeline's
-batch transaction, a slow statement would thus cost the whole batch, redelivered and
-timed out again forever; bounding those statements is the server's statement_timeout.
+even when the server confirmed the cancel. A handler attempt inside the pipeline's batch
+transaction has its own deadline for that reason (pipeline/handler_deadline.py).
 """
 
 from __future__ import annotations

@@ -36,6 +36,11 @@ class PermanentHandlerError(Exception):
     is retried."""
 
 
+class HandlerTimeoutError(Exception):
+    """A handler attempt outlived PIPELINE_HANDLER_TIMEOUT_MS and was given up; retried like
+    any transient failure, then parked in the DLQ (``handler_failed``)."""
+
+
 _transaction: ContextVar[AsyncConnection | None] = ContextVar(
     "holdwall_pipeline_transaction", default=None
 )

@@ -19,23 +19,27 @@ import asyncio
 import logging
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from psycopg.pq import TransactionStatus
 from sqlalchemy import delete
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from holdwall_stream.db.engine import psycopg_connection
 from holdwall_stream.db.models import ProcessedEvent
 from holdwall_stream.messaging.dead_letter import DeadLetterInfo
 from holdwall_stream.messaging.producer import KafkaProducer
 from holdwall_stream.observability.metrics import Metrics
 from holdwall_stream.pipeline.envelope import EventEnvelope, InvalidMessage, parse_envelope
+from holdwall_stream.pipeline.handler_deadline import SERVER_CANCEL_GRACE_S, HandlerDeadline
 from holdwall_stream.pipeline.handlers import (
     Handler,
     HandlerRegistry,
+    HandlerTimeoutError,
     PermanentHandlerError,
     bind_transaction,
 )
@@ -225,6 +229,7 @@ class EventProcessor:
         failed: set[uuid.UUID] = set()
         processed_types: Counter[str] = Counter()
         default_handler = not self._registry.types()
+        new_deadline: Callable[[], HandlerDeadline] | None = None
         for message, envelope in valid:
             event_id = envelope.id
             if event_id in duplicates or event_id in done:
@@ -256,7 +261,11 @@ class EventProcessor:
                     done.add(event_id)
                     failed.discard(event_id)
                 continue
-            dead_letter = await self._run_handler(connection, handler, message, envelope)
+            if new_deadline is None:
+                new_deadline = await self._deadline_factory(connection)
+            dead_letter = await self._run_handler(
+                connection, handler, message, envelope, new_deadline
+            )
             if dead_letter is None:
                 done.add(event_id)
                 failed.discard(event_id)
@@ -309,12 +318,29 @@ class EventProcessor:
             return
         await connection.execute(delete(ProcessedEvent).where(ProcessedEvent.event_id.in_(ids)))
 
+    async def _deadline_factory(self, connection: AsyncConnection) -> Callable[[], HandlerDeadline]:
+        """Deadlines for the handler attempts on the batch's connection: on PostgreSQL a
+        statement still running at the deadline is cancelled in the server."""
+        timeout_s = self._settings.pipeline_handler_timeout_ms / 1000
+        if not self._postgres:
+            return lambda: HandlerDeadline(timeout_s, lambda: False, None)
+        driver = await psycopg_connection(connection)
+
+        def statement_running() -> bool:
+            return driver.pgconn.transaction_status == TransactionStatus.ACTIVE
+
+        async def cancel_statement() -> None:
+            await driver.cancel_safe(timeout=SERVER_CANCEL_GRACE_S)
+
+        return lambda: HandlerDeadline(timeout_s, statement_running, cancel_statement)
+
     async def _run_handler(
         self,
         connection: AsyncConnection,
         handler: Handler,
         message: Message,
         envelope: EventEnvelope,
+        new_deadline: Callable[[], HandlerDeadline],
     ) -> PendingDeadLetter | None:
         """None once the handler succeeded; else the event's dead letter, to be sent.
 
@@ -325,17 +351,26 @@ class EventProcessor:
         first_failure: datetime | None = None
         max_attempts = self._settings.pipeline_max_attempts
         for attempt in range(1, max_attempts + 1):
+            deadline = new_deadline()
             try:
                 async with connection.begin_nested():
                     with bind_transaction(connection):
-                        await handler(envelope)
+                        async with deadline:  # not around the savepoint's release or rollback
+                            await handler(envelope)
                 return None
-            except Exception as exc:
+            except Exception as failure:
+                exc = failure
+                if deadline.expired:
+                    exc = HandlerTimeoutError(
+                        f"handler for {envelope.type!r} did not finish within "
+                        f"{self._settings.pipeline_handler_timeout_ms} ms "
+                        "(PIPELINE_HANDLER_TIMEOUT_MS)"
+                    )
                 if connection.invalidated:
-                    # The batch's connection is gone (a failover, a restart): not the
-                    # handler's fault, and no further attempt or event can succeed on it.
-                    # The batch is given up, nothing committed or dead-lettered, and
-                    # redelivered.
+                    # The batch's connection is gone (a failover, a restart, a statement
+                    # the server would not cancel): not the handler's fault, and no further
+                    # attempt or event can succeed on it. The batch is given up, nothing
+                    # committed or dead-lettered, and redelivered.
                     raise
                 first_failure = first_failure or datetime.now(UTC)
                 permanent = isinstance(exc, PermanentHandlerError)

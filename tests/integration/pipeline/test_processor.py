@@ -322,6 +322,72 @@ async def test_permanent_handler_error_is_not_retried(
     assert headers[dlq_headers.DLQ_ERROR_TYPE] == b"PermanentHandlerError"
 
 
+async def test_a_handler_that_hangs_times_out_its_writes_rolled_back_and_the_batch_goes_on(
+    make_processor: Factory, engine: AsyncEngine, settings: Settings, kafka_bootstrap: str
+) -> None:
+    """A handler waiting on something that never comes (a reply without a timeout) would
+    hold its partition forever. Each attempt gets PIPELINE_HANDLER_TIMEOUT_MS."""
+    stuck, fine = envelope("order.paid", "o1"), envelope("order.paid", "o2")
+    attempts = 0
+
+    async def handler(event: EventEnvelope) -> None:
+        nonlocal attempts
+        await record_effect(event)  # rolled back with each timed-out attempt
+        if event.id == stuck.id:
+            attempts += 1
+            await asyncio.Event().wait()
+
+    processor = make_processor(
+        registry_with("order.paid", handler),
+        pipeline_max_attempts=2,
+        pipeline_handler_timeout_ms=200,
+    )
+    outcome = await asyncio.wait_for(processor.process([message(stuck), message(fine)]), 30)
+    assert (outcome.processed, outcome.dead_lettered) == (1, 1)
+    assert attempts == 2
+    assert await processed_ids(engine) == [str(fine.id)]
+    assert await effects(engine) == [str(fine.id)]
+    [record] = await consume_all(kafka_bootstrap, settings.kafka_dlq_topic, expected=1)
+    headers = dict(record.headers)
+    assert headers[dlq_headers.DLQ_REASON] == b"handler_failed"
+    assert headers[dlq_headers.DLQ_ERROR_TYPE] == b"HandlerTimeoutError"
+    assert headers[dlq_headers.DLQ_ERROR_MESSAGE] == (
+        b"handler for 'order.paid' did not finish within 200 ms (PIPELINE_HANDLER_TIMEOUT_MS)"
+    )
+    assert headers[dlq_headers.DLQ_ATTEMPTS] == b"2"
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+async def test_a_handler_statement_past_the_timeout_is_cancelled_in_the_server(
+    make_processor: Factory, engine: AsyncEngine
+) -> None:
+    """Cancelled where it runs, its savepoint rolled back, and the batch's transaction and
+    connection carry on: cut off by asyncio instead, the connection would be invalidated
+    and the whole batch redelivered, to time out again."""
+    slow, fine = envelope("order.paid", "o1"), envelope("order.paid", "o2")
+    sleeps: list[str] = []
+
+    async def handler(event: EventEnvelope) -> None:
+        await record_effect(event)
+        if event.id == slow.id and not sleeps:
+            sleeps.append("pg_sleep(60)")
+            await transaction().execute(text("SELECT pg_sleep(60)"))
+
+    metrics = Metrics()
+    processor = make_processor(
+        registry_with("order.paid", handler), metrics=metrics, pipeline_handler_timeout_ms=300
+    )
+    outcome = await asyncio.wait_for(processor.process([message(slow), message(fine)]), 30)
+    assert (outcome.processed, outcome.dead_lettered) == (2, 0)
+    assert metrics.events_retried._value.get() == 1  # the second attempt did not sleep
+    assert await effects(engine) == sorted([str(slow.id), str(fine.id)])
+    assert await rows(
+        engine,
+        "SELECT count(*) FROM pg_stat_activity "
+        "WHERE query = 'SELECT pg_sleep(60)' AND state = 'active'",
+    ) == [(0,)]
+
+
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 async def test_losing_the_database_mid_batch_aborts_the_batch_instead_of_dead_lettering(
     make_processor: Factory, engine: AsyncEngine, settings: Settings, kafka_bootstrap: str
