@@ -193,6 +193,12 @@ class Settings(BaseSettings):
             )
         if self.kafka_events_topic == self.kafka_dlq_topic:
             raise _combination_error("kafka_dlq_topic", "must differ from KAFKA_EVENTS_TOPIC")
+        if self.kafka_request_timeout < self.kafka_session_timeout:
+            # Faust refuses to start otherwise, with a traceback.
+            raise _combination_error(
+                "kafka_request_timeout",
+                f"must be >= KAFKA_SESSION_TIMEOUT ({self.kafka_session_timeout} ms)",
+            )
         if self.outbox_retry_backoff_max_ms < self.outbox_retry_backoff_ms:
             raise _combination_error(
                 "outbox_retry_backoff_max_ms", "must be >= OUTBOX_RETRY_BACKOFF_MS"

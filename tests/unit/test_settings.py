@@ -97,6 +97,10 @@ def test_environment_overrides_defaults(monkeypatch: pytest.MonkeyPatch) -> None
         ({"KAFKA_CONNECTION_TIMEOUT": "-5"}, "KAFKA_CONNECTION_TIMEOUT"),
         ({"KAFKA_REQUEST_TIMEOUT": "0"}, "KAFKA_REQUEST_TIMEOUT"),
         (
+            {"KAFKA_REQUEST_TIMEOUT": "3000", "KAFKA_SESSION_TIMEOUT": "6000"},
+            "KAFKA_REQUEST_TIMEOUT",
+        ),
+        (
             {"KAFKA_SASL_MECHANISM": "FOO", "KAFKA_SASL_USERNAME": "u", "KAFKA_SASL_PASSWORD": "p"},
             "KAFKA_SASL_MECHANISM",
         ),

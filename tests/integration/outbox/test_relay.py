@@ -74,6 +74,7 @@ async def test_a_batch_on_a_silent_database_is_given_up_and_the_next_one_publish
             render(through_proxy),
             database_timeout_ms=DATABASE_TIMEOUT_MS,
             kafka_request_timeout=KAFKA_REQUEST_TIMEOUT_MS,
+            kafka_session_timeout=KAFKA_REQUEST_TIMEOUT_MS,  # not above the request timeout
         )
         partitions = range(settings.kafka_partitions)
         engine = create_engine(settings)
