@@ -15,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import TypeAdapter, ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from holdwall_stream.db.deadline import stall_deadline
 from holdwall_stream.db.errors import describe, is_database_unavailable
 from holdwall_stream.observability.health import DATABASE_TIMEOUT_S, build_report
 from holdwall_stream.observability.metrics_json import metrics_as_json
@@ -39,6 +40,11 @@ def register_views(
     app: faust.App, runtime: Runtime, consumer_state: Callable[[], dict[str, Any]]
 ) -> None:
     settings = runtime.settings
+    # A request waiting on a PostgreSQL that stopped answering would hold its pooled
+    # connection for good; the client gets a 503 instead and sends the events again.
+    store_deadline_s = (
+        settings.database_timeout_ms / 1000 if settings.database_dialect == "postgresql" else None
+    )
 
     @app.page("/api/events")
     class EventsView(View):
@@ -57,7 +63,16 @@ def register_views(
                     body["detail"] = exc.detail
                 return self.json(body, status=exc.status)
             try:
-                async with AsyncSession(runtime.engine) as session, session.begin():
+                async with (
+                    stall_deadline(
+                        runtime.engine,
+                        store_deadline_s,
+                        f"storing {len(events)} event(s)",
+                        "DATABASE_TIMEOUT_MS",
+                    ),
+                    AsyncSession(runtime.engine) as session,
+                    session.begin(),
+                ):
                     stored = await store_events(session, events, runtime.target)
             except Exception as exc:
                 # The transaction rolled back, or (a connection lost during COMMIT) its

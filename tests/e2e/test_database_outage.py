@@ -36,6 +36,7 @@ from tests.support.relay_harness import (
     analyse,
     consume_ids,
     engine_for,
+    event_id_of,
     health,
     keep_writing,
     settings_from_env,
@@ -43,6 +44,7 @@ from tests.support.relay_harness import (
     topic_is_empty,
     wait_healthy,
 )
+from tests.support.tcp_proxy import TcpProxy
 from tests.support.worker_env import post_json, query, worker_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
@@ -180,3 +182,65 @@ def _metrics_status(worker: WorkerProcess) -> int | None:
         return int(error.code)
     except OSError:
         return None
+
+
+async def test_a_database_gone_silent_costs_a_503_and_the_relay_comes_back(
+    kafka_bootstrap: str, pg_admin_url: str, tmp_path: Path
+) -> None:
+    """The connections the worker holds stay open but carry nothing, and new ones do too
+    (a partition behind a proxy: no reset ever arrives), until the database answers new
+    connections again (the failover is over). Meanwhile a request gets a 503 after
+    DATABASE_TIMEOUT_MS instead of never; afterwards requests are stored and the relay,
+    having given up its batch, publishes on new connections. (The pipeline's own
+    statements have no such deadline: RUNBOOK.)"""
+    with fresh_database(pg_admin_url) as database_url:
+        server = make_url(database_url)
+        with TcpProxy(server.host or "127.0.0.1", server.port or 5432) as proxy:
+            via_proxy = server.set(host=proxy.listen_host, port=proxy.listen_port)
+            env = worker_env(
+                kafka_bootstrap,
+                via_proxy.render_as_string(hide_password=False),
+                DATABASE_TIMEOUT_MS="1000",
+                KAFKA_REQUEST_TIMEOUT="6000",
+            )
+            worker = WorkerProcess(env, tmp_path / "worker")
+            accepted: list[str] = []
+            answers: list[int] = []
+            try:
+                worker.start()
+                await wait_healthy([worker])
+                status, body = await _post_one(worker)
+                assert status == 201, body
+                accepted.extend(body["ids"])
+
+                proxy.hang()
+                for _ in range(2):
+                    status, body = await _post_one(worker)
+                    answers.append(status)
+                    assert status == 503, body
+                    assert "send them again" in body["error"], body
+
+                proxy.recover()
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline:
+                    status, body = await _post_one(worker)
+                    answers.append(status)
+                    if status == 201:
+                        accepted.extend(body["ids"])
+                        break
+                    assert status == 503, body
+                records = await consume_ids(
+                    kafka_bootstrap, env["KAFKA_EVENTS_TOPIC"], accepted, timeout=60
+                )
+                log_text = worker.log_text()
+            finally:
+                stop_all([worker])
+
+    print(f"\nsilent database: POST answers {answers}")
+    assert answers[-1] == 201, answers  # fresh connections once the database answers again
+    assert {event_id_of(record) for record in records} == set(accepted)
+    assert "DatabaseStalledError: storing 1 event(s) did not finish within 1 s" in log_text
+
+
+async def _post_one(worker: WorkerProcess) -> tuple[int, Any]:
+    return await asyncio.to_thread(post_json, f"{worker.base_url}/api/events", _new_event(), 30.0)

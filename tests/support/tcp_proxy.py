@@ -98,6 +98,11 @@ class TcpProxy:
         self._hanging = True
         self.silence()
 
+    def recover(self) -> None:
+        """After :meth:`hang`: new connections carry data again, the silenced ones stay
+        silent (as after a failover, which the old connections do not survive)."""
+        self._hanging = False
+
     def stop(self) -> None:
         if self._loop is None or self._thread is None:
             return
