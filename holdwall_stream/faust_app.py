@@ -18,6 +18,7 @@ import faust
 from faust.app.base import BootStrategy
 from mode import ServiceT
 
+from holdwall_stream.db.deadline import stall_deadline
 from holdwall_stream.db.errors import is_database_unavailable, unreachable
 from holdwall_stream.db.schema import init_schema
 from holdwall_stream.errors import (
@@ -207,7 +208,13 @@ async def _store_until_done(runtime: Runtime, messages: list[DlqMessage]) -> int
     """
     for attempt in itertools.count(1):
         try:
-            return await store_dead_letters(runtime.engine, messages)
+            async with stall_deadline(
+                runtime.engine,
+                runtime.settings.database_stall_limit_s,
+                f"storing {len(messages)} dead letter(s)",
+                "DATABASE_TIMEOUT_MS",
+            ):
+                return await store_dead_letters(runtime.engine, messages)
         except asyncio.CancelledError:
             raise
         except Exception as exc:

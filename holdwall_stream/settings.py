@@ -235,6 +235,15 @@ class Settings(BaseSettings):
         return "sqlite" if self.async_database_url.startswith("sqlite") else "postgresql"
 
     @property
+    def database_stall_limit_s(self) -> float | None:
+        """How long the worker waits on PostgreSQL for a unit of work (a request's insert,
+        a batch of dead letters) before giving it up as stalled; None on SQLite, a local
+        file that cannot go silent."""
+        if self.database_dialect != "postgresql":
+            return None
+        return self.database_timeout_ms / 1000
+
+    @property
     def database_url_redacted(self) -> str:
         return make_url(self.async_database_url).render_as_string(hide_password=True)
 

@@ -68,12 +68,10 @@ class OutboxRelay:
         self._published_log: deque[tuple[float, int]] = deque()
         self._backlog = CachedBacklog(self._count_backlog)
         # Claim, produce (bounded by KAFKA_REQUEST_TIMEOUT) and mark: longer than this, and
-        # PostgreSQL has stopped answering on a connection the kernel still sees alive. (A
-        # SQLite file cannot go silent; its lock waits are bounded by its busy timeout.)
+        # PostgreSQL has stopped answering on a connection the kernel still sees alive.
+        stall_limit_s = settings.database_stall_limit_s
         self._stalled_after_s = (
-            (settings.kafka_request_timeout + settings.database_timeout_ms) / 1000
-            if self._parallel
-            else None
+            None if stall_limit_s is None else settings.kafka_request_timeout / 1000 + stall_limit_s
         )
         self.last_error: str | None = None
         self.last_success_at: float | None = None

@@ -40,11 +40,6 @@ def register_views(
     app: faust.App, runtime: Runtime, consumer_state: Callable[[], dict[str, Any]]
 ) -> None:
     settings = runtime.settings
-    # A request waiting on a PostgreSQL that stopped answering would hold its pooled
-    # connection for good; the client gets a 503 instead and sends the events again.
-    store_deadline_s = (
-        settings.database_timeout_ms / 1000 if settings.database_dialect == "postgresql" else None
-    )
 
     @app.page("/api/events")
     class EventsView(View):
@@ -64,9 +59,11 @@ def register_views(
                 return self.json(body, status=exc.status)
             try:
                 async with (
+                    # Waiting on a PostgreSQL that stopped answering would hold the pooled
+                    # connection for good; the client gets a 503 and sends the events again.
                     stall_deadline(
                         runtime.engine,
-                        store_deadline_s,
+                        settings.database_stall_limit_s,
                         f"storing {len(events)} event(s)",
                         "DATABASE_TIMEOUT_MS",
                     ),

@@ -29,6 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from holdwall_stream.outbox.writer import OutboxTarget
 from tests.support.flaky_handlers import effects_table_ddl
 from tests.support.pg import fresh_database
+from tests.support.pipeline import produce
 from tests.support.processes import WorkerProcess, wait_until_async
 from tests.support.relay_harness import (
     EVENT_TYPE,
@@ -219,6 +220,9 @@ async def test_a_database_gone_silent_costs_a_503_and_the_relay_comes_back(
                     answers.append(status)
                     assert status == 503, body
                     assert "send them again" in body["error"], body
+                # A dead letter arriving now: the DLQ agent's insert waits on the silence.
+                await produce(kafka_bootstrap, env["KAFKA_DLQ_TOPIC"], [(b"k", b"parked", [])])
+                await asyncio.sleep(3.0)
 
                 proxy.recover()
                 deadline = time.monotonic() + 60
@@ -232,6 +236,12 @@ async def test_a_database_gone_silent_costs_a_503_and_the_relay_comes_back(
                 records = await consume_ids(
                     kafka_bootstrap, env["KAFKA_EVENTS_TOPIC"], accepted, timeout=60
                 )
+
+                async def dead_letter_stored() -> bool:
+                    [(count,)] = await query(database_url, "SELECT count(*) FROM dead_letters")
+                    return bool(count == 1)
+
+                await wait_until_async(dead_letter_stored, timeout=60, message="dead letter")
                 log_text = worker.log_text()
             finally:
                 stop_all([worker])
@@ -240,6 +250,7 @@ async def test_a_database_gone_silent_costs_a_503_and_the_relay_comes_back(
     assert answers[-1] == 201, answers  # fresh connections once the database answers again
     assert {event_id_of(record) for record in records} == set(accepted)
     assert "DatabaseStalledError: storing 1 event(s) did not finish within 1 s" in log_text
+    assert "DatabaseStalledError('storing 1 dead letter(s) did not finish within 1 s" in log_text
 
 
 async def _post_one(worker: WorkerProcess) -> tuple[int, Any]:
