@@ -29,6 +29,7 @@ from sqlalchemy import delete
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from holdwall_stream.db.deadline import not_counted, stall_deadline
 from holdwall_stream.db.engine import psycopg_connection
 from holdwall_stream.db.models import ProcessedEvent
 from holdwall_stream.messaging.dead_letter import DeadLetterInfo
@@ -170,8 +171,20 @@ class EventProcessor:
         ]
         outcome.dead_lettered += len(dead_letters)
         if prepared.valid:
-            async with self._engine.begin() as connection:
-                await self._process_valid(connection, prepared.valid, outcome, dead_letters)
+            async with (
+                # The batch's own database work (checkout, claim, unclaim, commit); the
+                # handlers' time does not count, their attempts have a deadline of their own.
+                stall_deadline(
+                    self._engine,
+                    self._settings.database_stall_limit_s,
+                    f"the database work of a pipeline batch of {len(prepared.valid)} events",
+                    "DATABASE_TIMEOUT_MS, handlers not counted",
+                ) as deadline,
+                self._engine.begin() as connection,
+            ):
+                await self._process_valid(
+                    connection, prepared.valid, outcome, dead_letters, deadline
+                )
         await self._send_dead_letters(dead_letters)
         return outcome
 
@@ -220,6 +233,7 @@ class EventProcessor:
         valid: list[tuple[Message, EventEnvelope]],
         outcome: BatchOutcome,
         dead_letters: list[PendingDeadLetter],
+        deadline: asyncio.Timeout,
     ) -> None:
         wanted: dict[uuid.UUID, str] = {}
         for _, envelope in valid:
@@ -263,9 +277,10 @@ class EventProcessor:
                 continue
             if new_deadline is None:
                 new_deadline = await self._deadline_factory(connection)
-            dead_letter = await self._run_handler(
-                connection, handler, message, envelope, new_deadline
-            )
+            with not_counted(deadline):
+                dead_letter = await self._run_handler(
+                    connection, handler, message, envelope, new_deadline
+                )
             if dead_letter is None:
                 done.add(event_id)
                 failed.discard(event_id)

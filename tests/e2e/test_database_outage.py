@@ -191,9 +191,9 @@ async def test_a_database_gone_silent_costs_a_503_and_the_relay_comes_back(
     """The connections the worker holds stay open but carry nothing, and new ones do too
     (a partition behind a proxy: no reset ever arrives), until the database answers new
     connections again (the failover is over). Meanwhile a request gets a 503 after
-    DATABASE_TIMEOUT_MS instead of never; afterwards requests are stored and the relay,
-    having given up its batch, publishes on new connections. (The pipeline's own
-    statements have no such deadline: RUNBOOK.)"""
+    DATABASE_TIMEOUT_MS instead of never; afterwards requests are stored, and the relay,
+    the pipeline and the DLQ agent, having given up the work they were waiting on, carry
+    on with new connections."""
     with fresh_database(pg_admin_url) as database_url:
         server = make_url(database_url)
         with TcpProxy(server.host or "127.0.0.1", server.port or 5432) as proxy:
@@ -237,11 +237,17 @@ async def test_a_database_gone_silent_costs_a_503_and_the_relay_comes_back(
                     kafka_bootstrap, env["KAFKA_EVENTS_TOPIC"], accepted, timeout=60
                 )
 
-                async def dead_letter_stored() -> bool:
-                    [(count,)] = await query(database_url, "SELECT count(*) FROM dead_letters")
-                    return bool(count == 1)
+                async def processed_and_parked() -> bool:
+                    [(processed, parked)] = await query(
+                        database_url,
+                        "SELECT (SELECT count(*) FROM processed_events), "
+                        "(SELECT count(*) FROM dead_letters)",
+                    )
+                    return bool(processed == len(accepted) and parked == 1)
 
-                await wait_until_async(dead_letter_stored, timeout=60, message="dead letter")
+                await wait_until_async(
+                    processed_and_parked, timeout=60, message="events processed, letter parked"
+                )
                 log_text = worker.log_text()
             finally:
                 stop_all([worker])

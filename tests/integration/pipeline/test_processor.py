@@ -14,12 +14,15 @@ from datetime import datetime
 from typing import Any
 
 import pytest
+from pydantic import SecretStr
 from sqlalchemy import text
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from holdwall_stream.db.engine import create_engine
 from holdwall_stream.db.schema import init_schema
+from holdwall_stream.errors import DatabaseStalledError
 from holdwall_stream.messaging import dead_letter as dlq_headers
 from holdwall_stream.messaging.producer import KafkaProducer
 from holdwall_stream.observability.metrics import Metrics
@@ -37,7 +40,9 @@ from holdwall_stream.pipeline.processor import EventProcessor, IncomingMessage
 from holdwall_stream.settings import Settings
 from tests.support.flaky_handlers import effects_table_ddl, record_effect
 from tests.support.kafka import settings_with_own_topics, worker_producer
+from tests.support.pg import render
 from tests.support.pipeline import event as envelope
+from tests.support.tcp_proxy import TcpProxy
 from tests.support.worker_env import consume_all
 
 EVENTS_TOPIC = "events-under-test"
@@ -432,6 +437,37 @@ async def test_losing_the_database_mid_batch_aborts_the_batch_instead_of_dead_le
     # up (its dead letters are sent only once a batch committed), nothing twice.
     records = await consume_all(kafka_bootstrap, settings.kafka_dlq_topic, expected=3, timeout=5)
     assert sorted(r.value for r in records) == sorted([batch[1].value, b"not json"])
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+async def test_a_batch_on_a_database_gone_silent_is_given_up_and_its_redelivery_processed(
+    make_processor: Factory, engine: AsyncEngine, settings: Settings, database_url: str
+) -> None:
+    """The pooled connection stays open but carries nothing (a partition behind a proxy):
+    the batch's own database work gets DATABASE_TIMEOUT_MS, then the batch is given up
+    (nothing committed) and the redelivery runs on a new connection."""
+    server = make_url(database_url)
+    with TcpProxy(server.host or "127.0.0.1", server.port or 5432) as proxy:
+        via_proxy = render(server.set(host=proxy.listen_host, port=proxy.listen_port))
+        silent_prone = create_engine(
+            settings.model_copy(update={"database_url": SecretStr(via_proxy)})
+        )
+        try:
+            processor = make_processor(engine_=silent_prone, database_timeout_ms=1000)
+            first, second = envelope("order.paid", "o1"), envelope("order.paid", "o2")
+            await processor.process([message(first)])  # the pool keeps its connection
+
+            proxy.silence()
+            batch = [message(second)]
+            with pytest.raises(DatabaseStalledError, match="pipeline batch of 1 events"):
+                await asyncio.wait_for(processor.process(batch), 60)
+            assert await processed_ids(engine) == [str(first.id)]
+
+            redelivered = await asyncio.wait_for(processor.process(batch), 60)
+        finally:
+            await silent_prone.dispose()
+    assert (redelivered.processed, redelivered.duplicates) == (1, 0)
+    assert await processed_ids(engine) == sorted([str(first.id), str(second.id)])
 
 
 async def test_unknown_types_are_skipped_or_dead_lettered_as_configured(
