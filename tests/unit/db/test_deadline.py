@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from holdwall_stream.db.deadline import stall_deadline
+from holdwall_stream.db.deadline import not_counted, stall_deadline
 from holdwall_stream.errors import DatabaseStalledError
 
 
@@ -59,3 +59,20 @@ async def test_work_within_the_deadline_or_without_one_runs_to_the_end(
             await asyncio.sleep(0.01)
             async with engine.connect() as connection:
                 assert await connection.scalar(text("SELECT 2")) == 2
+
+
+async def test_a_stretch_not_counted_does_not_use_up_the_deadline(engine: AsyncEngine) -> None:
+    async with stall_deadline(engine, 0.5, "the test's work", "TEST_TIMEOUT_MS") as deadline:
+        await asyncio.sleep(0.05)
+        with not_counted(deadline):
+            await asyncio.sleep(0.7)  # a handler's time: longer than the whole deadline
+        await asyncio.sleep(0.05)  # well within what was left
+
+
+async def test_time_outside_the_stretch_still_counts(engine: AsyncEngine) -> None:
+    with pytest.raises(DatabaseStalledError):
+        async with stall_deadline(engine, 0.2, "the test's work", "TEST_TIMEOUT_MS") as deadline:
+            await asyncio.sleep(0.1)
+            with not_counted(deadline):
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.3)
