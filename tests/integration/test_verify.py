@@ -70,6 +70,7 @@ def _settings(bootstrap: str, **overrides: object) -> Settings:
         "kafka_partitions": 3,
         "kafka_connection_timeout": 2000,
         "kafka_request_timeout": 5000,
+        "kafka_session_timeout": 5000,  # not above the request timeout (Faust's rule)
     }
     values.update(overrides)
     return load_settings(**values)
