@@ -237,8 +237,9 @@ class Settings(BaseSettings):
     @property
     def database_stall_limit_s(self) -> float | None:
         """How long the worker waits on PostgreSQL for a unit of work (a request's insert,
-        a batch of dead letters) before giving it up as stalled; None on SQLite, a local
-        file that cannot go silent."""
+        a batch of dead letters, a pipeline batch's own statements; the relay adds
+        KAFKA_REQUEST_TIMEOUT) before giving it up as stalled; None on SQLite, a local file
+        that cannot go silent."""
         if self.database_dialect != "postgresql":
             return None
         return self.database_timeout_ms / 1000
