@@ -21,6 +21,7 @@ class Runtime:
         # Set by the app wiring once the relay service exists; the web view calls it.
         self.relay_wake: Callable[[], None] = lambda: None
         self.metrics = Metrics()
+        self.metrics.kafka_enabled.set(int(settings.kafka_enabled))
         self.engine = create_engine(settings)
         self.target = OutboxTarget(settings.kafka_events_topic, settings.kafka_partitions)
         self.breaker = CircuitBreaker(

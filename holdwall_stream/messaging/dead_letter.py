@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import get_args
 
-from holdwall_stream.pipeline.envelope import EVENT_ID_HEADER
+from holdwall_stream.pipeline.envelope import EVENT_ID_HEADER, InvalidReason
 
 DLQ_REASON = "dlq-reason"
 DLQ_ERROR_TYPE = "dlq-error-type"
@@ -18,6 +19,10 @@ DLQ_FIRST_FAILURE = "dlq-first-failure-at"
 DLQ_LAST_FAILURE = "dlq-last-failure-at"
 DLQ_SOURCE = "dlq-source"
 MAX_ERROR_MESSAGE_CHARS = 2000
+# Every dlq-reason there is: a message that is not a valid event (the same reasons whether
+# the pipeline or the relay found it too large), an event of a type with no handler, and
+# one whose handler failed on every attempt.
+DEAD_LETTER_REASONS: tuple[str, ...] = (*get_args(InvalidReason), "unknown_type", "handler_failed")
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+
+from holdwall_stream.messaging.dead_letter import DEAD_LETTER_REASONS
 
 # The `_created` timestamps double the exposition for no operational value.
 disable_created_metrics()
@@ -38,6 +42,11 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        self.kafka_enabled = Gauge(
+            "kafka_enabled",
+            "1 if KAFKA_ENABLED is true; 0 while Kafka is switched off (the outbox accumulates)",
+            registry=r,
+        )
         self.kafka_connections = Counter(
             "kafka_connections", "Kafka client connections established", registry=r
         )
@@ -91,6 +100,12 @@ class Metrics:
             ["topic", "partition"],
             registry=r,
         )
+        self._lag_labels: set[tuple[str, str]] = set()
+        self.events_consumed = Counter(
+            "pipeline_events_consumed",
+            "Events taken from the events topic and committed, whatever their outcome",
+            registry=r,
+        )
         self.events_processed = Counter(
             "pipeline_events_processed", "Events processed by the pipeline", ["type"], registry=r
         )
@@ -106,6 +121,10 @@ class Metrics:
         self.dlq_sent = Counter(
             "dlq_messages_sent", "Messages sent to the dead-letter topic", ["reason"], registry=r
         )
+        # Exposed at 0 from the start: Prometheus' increase() takes a series' first sample as
+        # its baseline, so a reason first seen at 1 would never raise an alert.
+        for reason in DEAD_LETTER_REASONS:
+            self.dlq_sent.labels(reason=reason)
         self.dlq_stored = Counter(
             "dlq_messages_stored", "Dead letters stored in the dead_letters table", registry=r
         )
@@ -118,3 +137,16 @@ class Metrics:
 
     def set_breaker_state(self, state: str) -> None:
         self.breaker_state.set(BREAKER_STATE_VALUES[state])
+
+    def set_consumer_lag(self, lags: Iterable[tuple[str, int, int]]) -> None:
+        """Replaces every lag sample with ``(topic, partition, lag)`` of the partitions held.
+
+        A partition handed to another worker drops out: its last lag would otherwise stay
+        exposed by this worker, and alerting, for as long as the process runs.
+        """
+        current = {(topic, str(partition)): lag for topic, partition, lag in lags}
+        for topic, partition in self._lag_labels - current.keys():
+            self.consumer_lag.remove(topic, partition)
+        for (topic, partition), lag in current.items():
+            self.consumer_lag.labels(topic=topic, partition=partition).set(lag)
+        self._lag_labels = set(current)

@@ -26,6 +26,7 @@ def _samples(metrics: Metrics) -> dict[str, Any]:
 def metrics_as_json(metrics: Metrics) -> dict[str, Any]:
     samples = _samples(metrics)
     kafka = {
+        "enabled": samples.get("kafka_enabled", 0),
         "connections": samples.get("kafka_connections_total", 0),
         "connection_errors": samples.get("kafka_connection_errors_total", 0),
         "outbox_published": samples.get("kafka_outbox_published_total", 0),

@@ -71,10 +71,9 @@ class WorkerState:
 
     async def publish(self) -> None:
         now = time.time()
-        for sample in await self._pipeline.lag():
-            self._metrics.consumer_lag.labels(
-                topic=sample.topic, partition=str(sample.partition)
-            ).set(sample.lag)
+        samples = await self._pipeline.lag()
+        self._metrics.set_consumer_lag((s.topic, s.partition, s.lag) for s in samples)
+        for sample in samples:
             await self.lag_topic.send(
                 key=f"{sample.topic}:{sample.partition}",
                 value={

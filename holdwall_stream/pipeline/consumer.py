@@ -217,6 +217,7 @@ class PipelineConsumer(Service):
             self._committed.update(offsets)
         self._uncommitted = [b for b in self._uncommitted if b is not batches]
         self.events_consumed += len(prepared)
+        self._metrics.events_consumed.inc(len(prepared))
         self.last_batch_at = time.monotonic()
 
     async def _finish_in_flight(self) -> None:

@@ -282,6 +282,7 @@ async def test_metrics_prometheus_text(api: Api) -> None:
         assert name in samples, name
     assert samples["kafka_outbox_backlog"] == (await api.counts())[1]
     assert samples["kafka_outbox_published_total"] == 0
+    assert samples["kafka_enabled"] == 0  # alerts tell a rollback from a stuck outbox by it
 
 
 async def test_metrics_json_has_a_kafka_object(api: Api) -> None:
