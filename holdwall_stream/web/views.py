@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 _EVENT = TypeAdapter(NewEvent)
 # Seconds a client should wait before sending events again after a 503.
 RETRY_AFTER_S = 1
+METRICS_FORMATS = ("prometheus", "json")
 
 
 class BadRequest(Exception):
@@ -121,7 +122,13 @@ def register_views(
                     await runtime.relay.backlog()
             except Exception as exc:  # the metrics matter most when the database is down
                 log.warning("/api/metrics served the last backlog figures: %s", describe(exc))
-            if request.query.get("format") == "json":
+            output = request.query.get("format", "prometheus")
+            if output not in METRICS_FORMATS:
+                return self.json(
+                    {"error": f"unknown format {output[:50]!r}: use ?format=json, or none"},
+                    status=400,
+                )
+            if output == "json":
                 return self.json(metrics_as_json(runtime.metrics))
             return web.Response(  # type: ignore[return-value]
                 body=generate_latest(runtime.metrics.registry),

@@ -294,6 +294,14 @@ async def test_metrics_json_has_a_kafka_object(api: Api) -> None:
     assert kafka["connections"] == 0
 
 
+async def test_metrics_in_an_unknown_format_is_a_json_400(api: Api) -> None:
+    status, body = get_json(f"{api.url}/api/metrics?format=xml")
+    assert status == 400
+    assert "xml" in body["error"] and "format=json" in body["error"]
+    with urllib.request.urlopen(f"{api.url}/api/metrics?format=prometheus", timeout=10) as ok:
+        assert ok.status == 200
+
+
 async def test_sasl_secret_never_shown(api: Api) -> None:
     api.post(_event())  # something in the log besides startup
     shown = [
