@@ -177,7 +177,9 @@ class EventProcessor:
                 stall_deadline(
                     self._engine,
                     self._settings.database_stall_limit_s,
-                    f"the database work of a pipeline batch of {len(prepared.valid)} events",
+                    f"the database work of a pipeline batch of {len(prepared.valid)} events "
+                    "(its claim also waits for another worker still applying the same events, "
+                    "as after a rebalance)",
                     "DATABASE_TIMEOUT_MS, handlers not counted",
                 ) as deadline,
                 self._engine.begin() as connection,
