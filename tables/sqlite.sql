@@ -14,7 +14,7 @@ CREATE TABLE dead_letters (
 	attempts INTEGER NOT NULL, 
 	dlq_partition INTEGER NOT NULL, 
 	dlq_offset BIGINT NOT NULL, 
-	created_at DATETIME DEFAULT CURRENT_TIMESTAMP NOT NULL, 
+	created_at DATETIME DEFAULT (strftime('%Y-%m-%d %H:%M:%f', 'now')) NOT NULL, 
 	replayed_at DATETIME, 
 	PRIMARY KEY (id)
 );
@@ -30,7 +30,7 @@ CREATE TABLE events (
 	occurred_at DATETIME NOT NULL, 
 	schema_version INTEGER NOT NULL, 
 	data JSON NOT NULL, 
-	created_at DATETIME DEFAULT CURRENT_TIMESTAMP NOT NULL, 
+	created_at DATETIME DEFAULT (strftime('%Y-%m-%d %H:%M:%f', 'now')) NOT NULL, 
 	PRIMARY KEY (id)
 );
 
@@ -42,7 +42,7 @@ CREATE TABLE outbox (
 	"key" BLOB NOT NULL, 
 	payload BLOB NOT NULL, 
 	headers JSON NOT NULL, 
-	created_at DATETIME DEFAULT CURRENT_TIMESTAMP NOT NULL, 
+	created_at DATETIME DEFAULT (strftime('%Y-%m-%d %H:%M:%f', 'now')) NOT NULL, 
 	published BOOLEAN DEFAULT 0 NOT NULL, 
 	published_at DATETIME, 
 	attempts INTEGER DEFAULT 0 NOT NULL, 
@@ -61,7 +61,7 @@ CREATE INDEX ix_outbox_unpublished ON outbox (partition, id) WHERE published = f
 CREATE TABLE processed_events (
 	event_id CHAR(32) NOT NULL, 
 	type VARCHAR(200) NOT NULL, 
-	processed_at DATETIME DEFAULT CURRENT_TIMESTAMP NOT NULL, 
+	processed_at DATETIME DEFAULT (strftime('%Y-%m-%d %H:%M:%f', 'now')) NOT NULL, 
 	PRIMARY KEY (event_id)
 );
 

@@ -19,11 +19,13 @@ from sqlalchemy import (
     TypeDecorator,
     Uuid,
     false,
-    func,
     text,
 )
 from sqlalchemy.engine import Dialect
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.functions import FunctionElement
 
 # SQLite only auto-increments an INTEGER PRIMARY KEY, so BIGINT ids are INTEGER there.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
@@ -52,6 +54,28 @@ class UtcTimestamp(TypeDecorator[datetime]):
 
 Timestamp = UtcTimestamp()
 
+
+class utc_now(FunctionElement[datetime]):
+    """The current time as a column default: now() on PostgreSQL (microseconds).
+
+    SQLite's CURRENT_TIMESTAMP has whole seconds, which made the outbox's oldest age and
+    the relay delay metric up to a second off there; its strftime('%f') has milliseconds.
+    """
+
+    type = Timestamp
+    inherit_cache = True
+
+
+@compiles(utc_now)
+def _utc_now(element: utc_now, compiler: SQLCompiler, **kw: Any) -> str:
+    return "now()"
+
+
+@compiles(utc_now, "sqlite")
+def _utc_now_sqlite(element: utc_now, compiler: SQLCompiler, **kw: Any) -> str:
+    return "strftime('%Y-%m-%d %H:%M:%f', 'now')"
+
+
 UNPUBLISHED = text("published = false AND dead_lettered_at IS NULL")
 DEAD_LETTERED = text("dead_lettered_at IS NOT NULL")
 
@@ -79,7 +103,7 @@ class Event(Base):
     occurred_at: Mapped[datetime] = mapped_column(Timestamp)
     schema_version: Mapped[int] = mapped_column(Integer, default=1)
     data: Mapped[dict[str, Any]] = mapped_column(JSON)
-    created_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+    created_at: Mapped[datetime] = mapped_column(Timestamp, server_default=utc_now())
 
 
 class Outbox(Base):
@@ -98,7 +122,7 @@ class Outbox(Base):
     key: Mapped[bytes] = mapped_column(LargeBinary)
     payload: Mapped[bytes] = mapped_column(LargeBinary)
     headers: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
-    created_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+    created_at: Mapped[datetime] = mapped_column(Timestamp, server_default=utc_now())
     published: Mapped[bool] = mapped_column(Boolean, server_default=false(), default=False)
     published_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
     attempts: Mapped[int] = mapped_column(Integer, server_default=text("0"), default=0)
@@ -146,7 +170,7 @@ class ProcessedEvent(Base):
 
     event_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
     type: Mapped[str] = mapped_column(String(200))
-    processed_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+    processed_at: Mapped[datetime] = mapped_column(Timestamp, server_default=utc_now())
 
 
 class DeadLetter(Base):
@@ -167,7 +191,7 @@ class DeadLetter(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     dlq_partition: Mapped[int] = mapped_column(Integer)
     dlq_offset: Mapped[int] = mapped_column(BigInteger)
-    created_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+    created_at: Mapped[datetime] = mapped_column(Timestamp, server_default=utc_now())
     replayed_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
 
     __table_args__ = (

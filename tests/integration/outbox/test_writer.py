@@ -211,3 +211,16 @@ async def test_outbox_row_is_what_kafka_clients_expect(engine: AsyncEngine) -> N
         stored_at = stored_event.occurred_at
         assert stored_at.utcoffset() is not None
         assert stored_at == envelope.occurred_at, "events.occurred_at must keep the instant"
+
+
+async def test_rows_are_stamped_below_the_second(engine: AsyncEngine) -> None:
+    """created_at feeds the oldest-unpublished age and the relay delay: a default of whole
+    seconds (SQLite's CURRENT_TIMESTAMP) put them up to a second off."""
+    before = datetime.now(UTC)
+    await store(engine, [_event()])
+    after = datetime.now(UTC)
+    (row,) = await outbox_rows(engine)
+    (event,) = (await event_rows(engine)).values()
+    for stamped in (row.created_at, event.created_at):
+        # SQLite keeps milliseconds: the stamp may be up to 1 ms before ``before``.
+        assert before - timedelta(milliseconds=1) <= stamped <= after, (before, stamped, after)
