@@ -21,6 +21,7 @@ from holdwall_stream.observability.health import DATABASE_TIMEOUT_S, build_repor
 from holdwall_stream.observability.metrics_json import metrics_as_json
 from holdwall_stream.outbox.writer import NewEvent, store_events
 from holdwall_stream.runtime import Runtime
+from holdwall_stream.web.errors import json_errors
 
 log = logging.getLogger(__name__)
 _EVENT = TypeAdapter(NewEvent)
@@ -41,6 +42,7 @@ def register_views(
     app: faust.App, runtime: Runtime, consumer_state: Callable[[], dict[str, Any]]
 ) -> None:
     settings = runtime.settings
+    app.web.web_app.middlewares.append(json_errors)
 
     @app.page("/api/events")
     class EventsView(View):

@@ -294,6 +294,19 @@ async def test_metrics_json_has_a_kafka_object(api: Api) -> None:
     assert kafka["connections"] == 0
 
 
+async def test_a_method_a_route_does_not_take_is_a_json_405(api: Api) -> None:
+    status, body = get_json(f"{api.url}/api/events")
+    assert status == 405
+    assert body["error"] == "Method Not Allowed: GET /api/events"
+    assert "POST" in body["allowed_methods"]
+
+
+async def test_an_unknown_api_path_is_a_json_404(api: Api) -> None:
+    status, body = get_json(f"{api.url}/api/event")
+    assert status == 404
+    assert body == {"error": "Not Found: GET /api/event"}
+
+
 async def test_metrics_in_an_unknown_format_is_a_json_400(api: Api) -> None:
     status, body = get_json(f"{api.url}/api/metrics?format=xml")
     assert status == 400
