@@ -1,9 +1,13 @@
-"""`holdwall-stream`: operator commands (verify, db, dlq, run). The worker is `faust -A ...`."""
+"""`holdwall-stream`: operator commands (verify, db, outbox, dlq, run).
+
+The worker is `faust -A holdwall_stream worker`.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import sys
@@ -33,6 +37,14 @@ def _parser() -> argparse.ArgumentParser:
     ddl = db.add_parser("ddl", help="print the DDL of a dialect, or --write tables/*.sql")
     ddl.add_argument("dialect", nargs="?", choices=["postgresql", "sqlite"], default="postgresql")
     ddl.add_argument("--write", action="store_true", help="regenerate tables/*.sql")
+
+    outbox = commands.add_parser(
+        "outbox", help="the outbox, read from the database"
+    ).add_subparsers(dest="outbox_command", required=True)
+    status = outbox.add_parser(
+        "status", help="backlog per partition, the row at its head, last publication"
+    )
+    status.add_argument("--json", action="store_true", help="print the status as JSON")
 
     dlq = commands.add_parser("dlq", help="dead letters").add_subparsers(
         dest="dlq_command", required=True
@@ -68,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     handler: Callable[[Settings, argparse.Namespace], Awaitable[int]] = {
         "verify": _verify,
         "db": _db_init,
+        "outbox": _outbox_status,
         "dlq": _dlq,
     }[args.command]
     try:
@@ -117,6 +130,60 @@ async def _db_init(settings: Settings, _args: argparse.Namespace) -> int:
         await engine.dispose()
     print(f"schema ready on {settings.database_url_redacted}")
     return 0
+
+
+async def _outbox_status(settings: Settings, args: argparse.Namespace) -> int:
+    """What the relay has left to do, without a worker: for when health cannot be asked."""
+    from sqlalchemy import inspect
+
+    from holdwall_stream.db.engine import create_engine
+    from holdwall_stream.errors import SchemaMissingError
+    from holdwall_stream.outbox import store
+
+    engine = create_engine(settings)
+    try:
+        async with engine.connect() as connection:
+            if not await connection.run_sync(lambda sync: inspect(sync).has_table("outbox")):
+                raise SchemaMissingError(
+                    f"no outbox table in {settings.database_url_redacted}: check DATABASE_URL, "
+                    "or create the schema with `holdwall-stream db init`"
+                )
+            partitions = await store.partition_backlogs(connection)
+            stats = await store.backlog_stats(connection)
+            published_age = await store.last_published_age_s(connection)
+    finally:
+        await engine.dispose()
+    status = {
+        "database": settings.database_url_redacted,
+        "unpublished": stats.backlog,
+        "oldest_unpublished_age_s": stats.oldest_age_s,
+        "dead_lettered": stats.dead_lettered,
+        "last_published_age_s": published_age,
+        "partitions": [dataclasses.asdict(p) for p in partitions],
+    }
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    print(f"outbox on {status['database']}")
+    print(f"{'partition':>9}  {'unpublished':>11}  {'oldest':>9}  head row (attempts, last error)")
+    for p in partitions:
+        error = f", {p.head_last_error[:80]}" if p.head_last_error else ""
+        print(
+            f"{p.partition:>9}  {p.unpublished:>11,}  {_seconds(p.oldest_age_s):>9}  "
+            f"#{p.head_id} ({p.head_attempts}{error})"
+        )
+    last = "never (or pruned)" if published_age is None else f"{published_age:.1f} s ago"
+    print(f"{stats.backlog:,} unpublished in all; last row published {last}")
+    if stats.dead_lettered:
+        print(
+            f"{stats.dead_lettered:,} row(s) dead-lettered as too large "
+            "(`holdwall-stream dlq list` shows their dead letters)"
+        )
+    return 0
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f} s"
 
 
 async def _dlq(settings: Settings, args: argparse.Namespace) -> int:

@@ -41,3 +41,7 @@ class DatabaseUnavailableError(HoldwallError):
 class DatabaseStalledError(HoldwallError):
     """A unit of database work outlived its deadline: the server stopped answering without
     closing the connection. The work was given up and the pool's connections dropped."""
+
+
+class SchemaMissingError(HoldwallError):
+    """The database has no holdwall-stream tables: another database, or not initialised."""

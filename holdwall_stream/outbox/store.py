@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
 from operator import itemgetter
+from typing import Any
 
 from psycopg.types.string import ByteaBinaryLoader
 from sqlalchemy import BigInteger, Float, Integer, LargeBinary, Text, Uuid, bindparam, text
@@ -211,20 +212,76 @@ async def mark_dead_lettered(connection: AsyncConnection, row_id: int, reason: s
     )
 
 
-async def backlog_stats(connection: AsyncConnection) -> BacklogStats:
+def _seconds_since(connection: AsyncConnection, timestamp_sql: str) -> str:
+    """SQL for the seconds from ``timestamp_sql`` until now, on the database's clock."""
     if connection.dialect.name == "postgresql":
-        age = "EXTRACT(EPOCH FROM (now() - min(created_at)))"
-    else:
-        age = "(julianday('now') - julianday(min(created_at))) * 86400.0"
+        return f"EXTRACT(EPOCH FROM (now() - {timestamp_sql}))"
+    return f"(julianday('now') - julianday({timestamp_sql})) * 86400.0"
+
+
+def _age(value: Any) -> float | None:
+    return None if value is None else max(0.0, float(value))
+
+
+async def backlog_stats(connection: AsyncConnection) -> BacklogStats:
+    age = _seconds_since(connection, "min(created_at)")
     backlog, oldest = (
         await connection.execute(text(f"SELECT count(*), {age} FROM outbox WHERE {_UNPUBLISHED}"))
     ).one()
     dead = await connection.scalar(text(f"SELECT count(*) FROM outbox WHERE {_DEAD_LETTERED}"))
     return BacklogStats(
-        backlog=int(backlog),
-        oldest_age_s=None if oldest is None else max(0.0, float(oldest)),
-        dead_lettered=int(dead or 0),
+        backlog=int(backlog), oldest_age_s=_age(oldest), dead_lettered=int(dead or 0)
     )
+
+
+@dataclass(frozen=True)
+class PartitionBacklog:
+    """One outbox partition's unpublished rows, and the row at their head: the relay sends
+    a partition in id order, so a head row that keeps failing says why it does not move."""
+
+    partition: int
+    unpublished: int
+    oldest_age_s: float | None
+    head_id: int
+    head_attempts: int
+    head_last_error: str | None
+
+
+async def partition_backlogs(connection: AsyncConnection) -> list[PartitionBacklog]:
+    """Every partition with unpublished rows, in partition order (reads the whole backlog)."""
+    age = _seconds_since(connection, "min(created_at)")
+    counts = (
+        await connection.execute(
+            text(
+                f"SELECT partition, count(*), {age}, min(id) FROM outbox WHERE {_UNPUBLISHED} "
+                "GROUP BY partition ORDER BY partition"
+            )
+        )
+    ).all()
+    backlogs = []
+    for partition, unpublished, oldest, head_id in counts:
+        attempts, last_error = (
+            await connection.execute(
+                text("SELECT attempts, last_error FROM outbox WHERE id = :id"), {"id": head_id}
+            )
+        ).one()
+        backlogs.append(
+            PartitionBacklog(
+                partition=int(partition),
+                unpublished=int(unpublished),
+                oldest_age_s=_age(oldest),
+                head_id=int(head_id),
+                head_attempts=int(attempts),
+                head_last_error=last_error,
+            )
+        )
+    return backlogs
+
+
+async def last_published_age_s(connection: AsyncConnection) -> float | None:
+    """Seconds since the relay last marked a row published (None: never, or all pruned)."""
+    age = _seconds_since(connection, "max(published_at)")
+    return _age(await connection.scalar(text(f"SELECT {age} FROM outbox WHERE published = true")))
 
 
 async def delete_published_before(connection: AsyncConnection, cutoff: datetime, limit: int) -> int:
