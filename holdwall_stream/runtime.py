@@ -22,6 +22,7 @@ class Runtime:
         self.relay_wake: Callable[[], None] = lambda: None
         self.metrics = Metrics()
         self.metrics.kafka_enabled.set(int(settings.kafka_enabled))
+        self.metrics.kafka_partitions.set(settings.kafka_partitions)
         self.engine = create_engine(settings)
         self.target = OutboxTarget(settings.kafka_events_topic, settings.kafka_partitions)
         self.breaker = CircuitBreaker(

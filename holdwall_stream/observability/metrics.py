@@ -47,6 +47,11 @@ class Metrics:
             "1 if KAFKA_ENABLED is true; 0 while Kafka is switched off (the outbox accumulates)",
             registry=r,
         )
+        self.kafka_partitions = Gauge(
+            "kafka_partitions",
+            "KAFKA_PARTITIONS: partitions of the events topic, each held by one worker",
+            registry=r,
+        )
         self.kafka_connections = Counter(
             "kafka_connections", "Kafka client connections established", registry=r
         )
