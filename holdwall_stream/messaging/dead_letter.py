@@ -19,9 +19,9 @@ DLQ_FIRST_FAILURE = "dlq-first-failure-at"
 DLQ_LAST_FAILURE = "dlq-last-failure-at"
 DLQ_SOURCE = "dlq-source"
 MAX_ERROR_MESSAGE_CHARS = 2000
-# Every dlq-reason there is: a message that is not a valid event (the same reasons whether
-# the pipeline or the relay found it too large), an event of a type with no handler, and
-# one whose handler failed on every attempt.
+# Every dlq-reason there is: why a message is not a valid event (too_large also for an
+# outbox row larger than the broker accepts), an event of a type with no handler, and one
+# whose handler failed on every attempt.
 DEAD_LETTER_REASONS: tuple[str, ...] = (*get_args(InvalidReason), "unknown_type", "handler_failed")
 
 
