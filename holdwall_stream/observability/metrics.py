@@ -52,6 +52,12 @@ class Metrics:
             "KAFKA_PARTITIONS: partitions of the events topic, each held by one worker",
             registry=r,
         )
+        self.database_up = Gauge(
+            "database_up",
+            "1 if the database answered this worker's last check (every /api/metrics and "
+            "/api/health request) within 5 s, else 0",
+            registry=r,
+        )
         self.kafka_connections = Counter(
             "kafka_connections", "Kafka client connections established", registry=r
         )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from collections.abc import Callable
@@ -17,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from holdwall_stream.db.deadline import stall_deadline
 from holdwall_stream.db.errors import describe, is_database_unavailable
-from holdwall_stream.observability.health import DATABASE_TIMEOUT_S, build_report
+from holdwall_stream.observability.health import build_report, check_database
 from holdwall_stream.observability.metrics_json import metrics_as_json
 from holdwall_stream.outbox.writer import NewEvent, store_events
 from holdwall_stream.runtime import Runtime
@@ -113,15 +112,16 @@ def register_views(
                 consumer = consumer_state()
             except Exception as exc:  # health must answer, whatever part is broken
                 consumer = {"status": "error", "error": f"{type(exc).__name__}: {exc}"[:500]}
-            report = await build_report(settings, runtime.relay, runtime.breaker, consumer)
+            report = await build_report(
+                settings, runtime.relay, runtime.breaker, runtime.metrics, consumer
+            )
             return self.json(report.body, status=report.http_status)
 
     @app.page("/api/metrics")
     class MetricsView(View):
         async def get(self, request: Request) -> Response:
             try:
-                async with asyncio.timeout(DATABASE_TIMEOUT_S):
-                    await runtime.relay.backlog()
+                await check_database(runtime.relay, runtime.metrics)
             except Exception as exc:  # the metrics matter most when the database is down
                 log.warning("/api/metrics served the last backlog figures: %s", describe(exc))
             output = request.query.get("format", "prometheus")

@@ -11,6 +11,7 @@ connections all drop mid-flight and cannot come back until it ends.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 import urllib.error
 import urllib.request
@@ -96,7 +97,7 @@ async def test_a_database_outage_loses_nothing_and_dead_letters_nothing(
                 written_before = len(writer.written)
 
                 health_seen: list[tuple[int | None, str]] = []
-                metrics_seen: list[int | None] = []
+                metrics_seen: list[tuple[int | None, float | None]] = []
                 refused: list[tuple[int, Any]] = []
                 async with database_unreachable(pg_admin_url, database_url):
                     outage_ends = time.monotonic() + OUTAGE_S
@@ -135,6 +136,7 @@ async def test_a_database_outage_loses_nothing_and_dead_letters_nothing(
             [(dead_letters,)] = await query(database_url, "SELECT count(*) FROM dead_letters")
             dlq_empty = await topic_is_empty(kafka_bootstrap, env["KAFKA_DLQ_TOPIC"])
             status_after, _ = await health(worker)
+            metrics_after = await asyncio.to_thread(_metrics_status, worker)
             log_text = worker.log_text()
             assert worker.is_running(), worker.log_tail()
         finally:
@@ -149,7 +151,10 @@ async def test_a_database_outage_loses_nothing_and_dead_letters_nothing(
     )
     assert (None, "no answer") not in health_seen, "the worker stopped answering"
     assert (503, "error") in health_seen, health_seen
-    assert set(metrics_seen) == {200}, metrics_seen
+    # /api/metrics keeps answering, and says the database is down (the alert's signal).
+    assert {status for status, _ in metrics_seen} == {200}, metrics_seen
+    assert (200, 0.0) in metrics_seen, metrics_seen
+    assert metrics_after == (200, 1.0)
     assert refused and all(status == 503 for status, _ in refused), refused[:3]
     assert all("database" in answer["error"] for _, answer in refused), refused[:3]
     assert not report.missing, f"{len(report.missing)} events lost"
@@ -173,16 +178,18 @@ async def write_for(writer: KeyedWriter, engine: AsyncEngine, seconds: float) ->
     await asyncio.wait_for(writing, 30)
 
 
-def _metrics_status(worker: WorkerProcess) -> int | None:
-    """GET /api/metrics: its HTTP status, None if the worker did not answer in 5 s."""
+def _metrics_status(worker: WorkerProcess) -> tuple[int | None, float | None]:
+    """GET /api/metrics: its HTTP status and ``database_up``; None if the worker did not
+    answer within 10 s (the database check inside takes up to 5)."""
     try:
-        with urllib.request.urlopen(f"{worker.base_url}/api/metrics", timeout=5.0) as response:
-            response.read()
-            return int(response.status)
+        with urllib.request.urlopen(f"{worker.base_url}/api/metrics", timeout=10.0) as response:
+            text = response.read().decode()
+            up = re.search(r"^database_up (\S+)$", text, re.M)
+            return int(response.status), float(up.group(1)) if up else None
     except urllib.error.HTTPError as error:
-        return int(error.code)
+        return int(error.code), None
     except OSError:
-        return None
+        return None, None
 
 
 async def test_a_database_gone_silent_costs_a_503_and_the_relay_comes_back(

@@ -7,8 +7,11 @@ healthy worker raises no alert, and a dead-lettered message raises the one it sh
 
 from __future__ import annotations
 
+import re
 import urllib.request
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaProducer
@@ -80,15 +83,23 @@ async def test_prometheus_scrapes_a_worker_and_alerts_on_a_dead_letter(
 
 
 async def _rules_evaluated(prometheus: PrometheusServer) -> None:
-    """Every rule has been evaluated since now, and none failed (e.g. on a label clash)."""
+    """Every rule has been evaluated since now (so alerts reflect the series as they are
+    now), and none failed (e.g. on a label clash)."""
+    now = float(prometheus.api("query", query="time()")["result"][1])
 
-    def evaluated() -> list[dict[str, object]]:
+    def evaluated() -> list[dict[str, Any]]:
         rules = [rule for group in prometheus.api("rules")["groups"] for rule in group["rules"]]
-        return (
-            rules if all(rule.get("lastEvaluation", "").startswith("2") for rule in rules) else []
-        )
+        return rules if all(_epoch(rule["lastEvaluation"]) > now for rule in rules) else []
 
     rules = await wait_until_async(evaluated, timeout=30, message="rules evaluated")
     assert len(rules) >= 10
     failed = {rule["name"]: rule.get("lastError") for rule in rules if rule["health"] != "ok"}
     assert not failed, failed
+
+
+def _epoch(rfc3339: str) -> float:
+    """Prometheus' timestamps (nanoseconds, Z) as epoch seconds."""
+    match = re.fullmatch(r"(.+?)(?:\.(\d+))?Z", rfc3339)
+    assert match, rfc3339
+    whole = datetime.fromisoformat(match.group(1)).replace(tzinfo=UTC)
+    return whole.timestamp() + float(f"0.{match.group(2) or 0}")
