@@ -34,6 +34,8 @@ DELAY_BUCKETS = (
 )
 BATCH_BUCKETS = (1, 5, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
 BREAKER_STATE_VALUES = {"closed": 0, "half_open": 1, "open": 2}
+# What POST /api/events refuses with: bad JSON, too large, invalid events, a bug, no database.
+API_REFUSAL_STATUSES = (400, 413, 422, 500, 503)
 
 
 class Metrics:
@@ -145,6 +147,14 @@ class Metrics:
         self.events_accepted = Counter(
             "api_events_accepted", "Events stored through POST /api/events", registry=r
         )
+        self.events_refused = Counter(
+            "api_events_refused",
+            "POST /api/events requests answered with an error, by HTTP status",
+            ["status"],
+            registry=r,
+        )
+        for status in API_REFUSAL_STATUSES:  # at 0 from the start, for increase()
+            self.events_refused.labels(status=str(status))
 
     def set_breaker_state(self, state: str) -> None:
         self.breaker_state.set(BREAKER_STATE_VALUES[state])

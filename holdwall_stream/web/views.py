@@ -42,6 +42,7 @@ def register_views(
 ) -> None:
     settings = runtime.settings
     app.web.web_app.middlewares.append(json_errors)
+    refused = runtime.metrics.events_refused
 
     @app.page("/api/events")
     class EventsView(View):
@@ -55,6 +56,7 @@ def register_views(
                         f"{settings.api_max_batch}",
                     )
             except BadRequest as exc:
+                refused.labels(status=str(exc.status)).inc()
                 body = {"error": exc.error}
                 if exc.detail is not None:
                     body["detail"] = exc.detail
@@ -78,6 +80,7 @@ def register_views(
                 # outcome is unknown: events are keyed by id, so sending them again is safe.
                 if not is_database_unavailable(exc):
                     log.exception("POST /api/events failed")
+                    refused.labels(status="500").inc()
                     return self.json(
                         {
                             "error": "internal error: the events were not stored",
@@ -86,6 +89,7 @@ def register_views(
                         status=500,
                     )
                 log.warning("POST /api/events: 503, database unavailable: %s", describe(exc))
+                refused.labels(status="503").inc()
                 return self.json(
                     {
                         "error": "database unavailable: the events may not have been stored;"

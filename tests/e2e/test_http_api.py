@@ -285,6 +285,32 @@ async def test_metrics_prometheus_text(api: Api) -> None:
     assert samples["kafka_enabled"] == 0  # alerts tell a rollback from a stuck outbox by it
 
 
+async def test_refused_requests_are_counted_by_status(api: Api) -> None:
+    def refused() -> dict[str, float]:
+        with urllib.request.urlopen(f"{api.url}/api/metrics", timeout=10) as response:
+            text = response.read().decode()
+        return {
+            sample.labels["status"]: sample.value
+            for family in text_string_to_metric_families(text)
+            if family.name == "api_events_refused"
+            for sample in family.samples
+        }
+
+    before = refused()
+    assert set(before) == {"400", "413", "422", "500", "503"}  # all exposed from the start
+    assert api.post([])[0] == 400
+    assert api.post({"type": "x"})[0] == 422
+    assert api.post({"type": "x"})[0] == 422
+    after = refused()
+    assert {status: after[status] - before[status] for status in after} == {
+        "400": 1,
+        "413": 0,
+        "422": 2,
+        "500": 0,
+        "503": 0,
+    }
+
+
 async def test_metrics_json_has_a_kafka_object(api: Api) -> None:
     status, body = get_json(f"{api.url}/api/metrics?format=json")
     assert status == 200, body
