@@ -165,7 +165,7 @@ def create_app(settings: Settings) -> HoldwallApp:
 
     def consumer_state() -> dict[str, Any]:
         return {
-            "status": "ok",
+            "status": "joining" if pipeline.awaiting_assignment else "ok",
             "group": pipeline_group_id(settings),
             "rebalancing": bool(app.rebalancing),
             "assigned_partitions": sorted(pipeline.assigned_partitions()),

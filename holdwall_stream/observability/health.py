@@ -1,8 +1,9 @@
 """GET /api/health: the checklist's Success Criteria turned into ok / degraded / unhealthy.
 
 ok: breaker closed and the outbox moving. degraded (still 200): breaker half-open, recent
-retried errors, Kafka switched off, or a rebalance in progress, while events are still
-accepted. unhealthy (503): breaker open, the database unreachable, or the outbox stuck.
+retried errors, Kafka switched off, or a rebalance in progress (also the pipeline consumer
+still joining its group), while events are still accepted. unhealthy (503): breaker open,
+the database unreachable, or the outbox stuck.
 """
 
 from __future__ import annotations
@@ -112,8 +113,12 @@ async def build_report(
         outbox.update(status="unknown")
         statuses.append("unhealthy")
 
+    # "joining" (no partitions from the group yet) and "error" are degraded; "disabled" is
+    # Kafka switched off, which the Kafka check already reports.
     consumer_verdict = (
-        "degraded" if consumer.get("rebalancing") or consumer.get("status") == "error" else "ok"
+        "degraded"
+        if consumer.get("rebalancing") or consumer.get("status") not in ("ok", "disabled")
+        else "ok"
     )
     statuses.append(consumer_verdict)
     status = worst(*statuses)

@@ -64,6 +64,7 @@ class _FinishBatchBeforeRevoke(ConsumerRebalanceListener):
         self._consumer = consumer
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        self._consumer.awaiting_assignment = True
         async with self._consumer.batch_lock:
             await self._consumer.settle(rewind=False)
             log.info("Pipeline partitions revoked: %s", sorted(tp.partition for tp in revoked))
@@ -72,6 +73,7 @@ class _FinishBatchBeforeRevoke(ConsumerRebalanceListener):
         log.info("Pipeline partitions assigned: %s", sorted(tp.partition for tp in assigned))
         # Another worker may have committed these partitions since this one last held them.
         self._consumer.forget_committed()
+        self._consumer.awaiting_assignment = False
         self._consumer.on_assignment()
 
 
@@ -107,6 +109,9 @@ class PipelineConsumer(Service):
         self._in_flight: asyncio.Future[None] | None = None
         self.events_consumed = 0
         self.last_batch_at: float | None = None
+        # Until the group hands out partitions (at start, and in each rebalance) this worker
+        # neither processes nor relays: health says "joining" rather than "ok".
+        self.awaiting_assignment = True
 
     def assigned_partitions(self) -> set[int]:
         if self._consumer is None:

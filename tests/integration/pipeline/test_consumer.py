@@ -147,3 +147,14 @@ async def test_stop_waits_for_the_batch_in_flight_and_commits_it(
     done = await processed(engine)
     assert done <= set(ids)
     assert len(done) == pipeline.events_consumed  # committed effects == consumed, no more
+
+
+async def test_awaits_its_assignment_until_the_group_hands_out_partitions(
+    settings: Settings, pipeline: PipelineConsumer
+) -> None:
+    assert pipeline.awaiting_assignment  # health reports "joining" meanwhile
+    await pipeline.start()
+    await wait_until_async(
+        lambda: not pipeline.awaiting_assignment, timeout=30, message="partitions assigned"
+    )
+    assert sorted(pipeline.assigned_partitions()) == list(range(settings.kafka_partitions))
