@@ -124,16 +124,16 @@ def register_views(
     @app.page("/api/metrics")
     class MetricsView(View):
         async def get(self, request: Request) -> Response:
-            try:
-                await check_database(runtime.relay, runtime.metrics)
-            except Exception as exc:  # the metrics matter most when the database is down
-                log.warning("/api/metrics served the last backlog figures: %s", describe(exc))
             output = request.query.get("format", "prometheus")
             if output not in METRICS_FORMATS:
                 return self.json(
                     {"error": f"unknown format {output[:50]!r}: use ?format=json, or none"},
                     status=400,
                 )
+            try:
+                await check_database(runtime.relay, runtime.metrics)
+            except Exception as exc:  # the metrics matter most when the database is down
+                log.warning("/api/metrics served the last backlog figures: %s", describe(exc))
             if output == "json":
                 return self.json(metrics_as_json(runtime.metrics))
             return web.Response(  # type: ignore[return-value]
