@@ -11,11 +11,15 @@ import dataclasses
 import json
 import logging
 import sys
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
 
 from holdwall_stream.errors import EXIT_DATABASE_UNAVAILABLE, HoldwallError, SettingsError
 from holdwall_stream.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -119,15 +123,23 @@ async def _verify(settings: Settings, args: argparse.Namespace) -> int:
     return 0 if all(result.ok for result in results) else EXIT_FAILED
 
 
-async def _db_init(settings: Settings, _args: argparse.Namespace) -> int:
+@asynccontextmanager
+async def _engine(settings: Settings) -> AsyncIterator[AsyncEngine]:
+    """The database for one command, its connections closed when the command ends."""
     from holdwall_stream.db.engine import create_engine
-    from holdwall_stream.db.schema import init_schema
 
     engine = create_engine(settings)
     try:
-        await init_schema(engine)
+        yield engine
     finally:
         await engine.dispose()
+
+
+async def _db_init(settings: Settings, _args: argparse.Namespace) -> int:
+    from holdwall_stream.db.schema import init_schema
+
+    async with _engine(settings) as engine:
+        await init_schema(engine)
     print(f"schema ready on {settings.database_url_redacted}")
     return 0
 
@@ -136,28 +148,27 @@ async def _outbox_status(settings: Settings, args: argparse.Namespace) -> int:
     """What the relay has left to do, without a worker: for when health cannot be asked."""
     from sqlalchemy import inspect
 
-    from holdwall_stream.db.engine import create_engine
     from holdwall_stream.errors import SchemaMissingError
     from holdwall_stream.outbox import store
 
-    engine = create_engine(settings)
-    try:
-        async with engine.connect() as connection:
-            if not await connection.run_sync(lambda sync: inspect(sync).has_table("outbox")):
-                raise SchemaMissingError(
-                    f"no outbox table in {settings.database_url_redacted}: check DATABASE_URL, "
-                    "or create the schema with `holdwall-stream db init`"
-                )
-            partitions = await store.partition_backlogs(connection)
-            stats = await store.backlog_stats(connection)
-            published_age = await store.last_published_age_s(connection)
-    finally:
-        await engine.dispose()
+    async with _engine(settings) as engine, engine.connect() as connection:
+        if not await connection.run_sync(lambda sync: inspect(sync).has_table("outbox")):
+            raise SchemaMissingError(
+                f"no outbox table in {settings.database_url_redacted}: check DATABASE_URL, "
+                "or create the schema with `holdwall-stream db init`"
+            )
+        partitions = await store.partition_backlogs(connection)
+        dead_lettered = await store.dead_lettered_count(connection)
+        published_age = await store.last_published_age_s(connection)
+    # The totals from the partitions' own figures: counting the backlog again would read
+    # every unpublished row a second time.
+    unpublished = sum(p.unpublished for p in partitions)
+    ages = [p.oldest_age_s for p in partitions if p.oldest_age_s is not None]
     status = {
         "database": settings.database_url_redacted,
-        "unpublished": stats.backlog,
-        "oldest_unpublished_age_s": stats.oldest_age_s,
-        "dead_lettered": stats.dead_lettered,
+        "unpublished": unpublished,
+        "oldest_unpublished_age_s": max(ages, default=None),
+        "dead_lettered": dead_lettered,
         "last_published_age_s": published_age,
         "partitions": [dataclasses.asdict(p) for p in partitions],
     }
@@ -173,10 +184,10 @@ async def _outbox_status(settings: Settings, args: argparse.Namespace) -> int:
             f"#{p.head_id} ({p.head_attempts}{error})"
         )
     last = "never (or pruned)" if published_age is None else f"{published_age:.1f} s ago"
-    print(f"{stats.backlog:,} unpublished in all; last row published {last}")
-    if stats.dead_lettered:
+    print(f"{unpublished:,} unpublished in all; last row published {last}")
+    if dead_lettered:
         print(
-            f"{stats.dead_lettered:,} row(s) dead-lettered as too large "
+            f"{dead_lettered:,} row(s) dead-lettered as too large "
             "(`holdwall-stream dlq list` shows their dead letters)"
         )
     return 0
@@ -187,15 +198,11 @@ def _seconds(value: float | None) -> str:
 
 
 async def _dlq(settings: Settings, args: argparse.Namespace) -> int:
-    from holdwall_stream.db.engine import create_engine
     from holdwall_stream.db.schema import init_schema
 
-    engine = create_engine(settings)
-    try:
+    async with _engine(settings) as engine:
         await init_schema(engine)
         return await _dlq_command(settings, engine, args)
-    finally:
-        await engine.dispose()
 
 
 async def _dlq_command(settings: Settings, engine: Any, args: argparse.Namespace) -> int:

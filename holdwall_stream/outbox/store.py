@@ -228,10 +228,17 @@ async def backlog_stats(connection: AsyncConnection) -> BacklogStats:
     backlog, oldest = (
         await connection.execute(text(f"SELECT count(*), {age} FROM outbox WHERE {_UNPUBLISHED}"))
     ).one()
-    dead = await connection.scalar(text(f"SELECT count(*) FROM outbox WHERE {_DEAD_LETTERED}"))
     return BacklogStats(
-        backlog=int(backlog), oldest_age_s=_age(oldest), dead_lettered=int(dead or 0)
+        backlog=int(backlog),
+        oldest_age_s=_age(oldest),
+        dead_lettered=await dead_lettered_count(connection),
     )
+
+
+async def dead_lettered_count(connection: AsyncConnection) -> int:
+    """Rows parked as too large (answered from their partial index)."""
+    dead = await connection.scalar(text(f"SELECT count(*) FROM outbox WHERE {_DEAD_LETTERED}"))
+    return int(dead or 0)
 
 
 @dataclass(frozen=True)
