@@ -187,8 +187,8 @@ async def _outbox_status(settings: Settings, args: argparse.Namespace) -> int:
     print(f"{unpublished:,} unpublished in all; last row published {last}")
     if dead_lettered:
         print(
-            f"{dead_lettered:,} row(s) dead-lettered as too large "
-            "(`holdwall-stream dlq list` shows their dead letters)"
+            f"{dead_lettered:,} row(s) dead-lettered as too large (`holdwall-stream dlq list` "
+            "shows their dead letters; `dlq replay` sends one once the limit allows it)"
         )
     return 0
 
@@ -258,7 +258,7 @@ async def _replay(settings: Settings, engine: Any, args: argparse.Namespace) -> 
     ids = list(dict.fromkeys(ids))  # an id named twice (or also by --all) is sent once
     producer = KafkaProducer(settings, Metrics())
     try:
-        outcome = await dlq.replay(engine, producer, settings.kafka_events_topic, ids)
+        outcome = await dlq.replay(engine, producer, settings, ids)
     finally:
         await producer.stop()
     print(

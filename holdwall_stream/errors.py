@@ -45,3 +45,7 @@ class DatabaseStalledError(HoldwallError):
 
 class SchemaMissingError(HoldwallError):
     """The database has no holdwall-stream tables: another database, or not initialised."""
+
+
+class RequeueRefusedError(HoldwallError):
+    """A parked outbox row cannot go back to the relay; the message says why and what to do."""

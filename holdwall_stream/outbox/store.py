@@ -8,6 +8,7 @@ so a row is never marked without being on the topic (at-least-once, never loss).
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -16,12 +17,23 @@ from operator import itemgetter
 from typing import Any
 
 from psycopg.types.string import ByteaBinaryLoader
-from sqlalchemy import BigInteger, Float, Integer, LargeBinary, Text, Uuid, bindparam, text
+from sqlalchemy import (
+    BigInteger,
+    Float,
+    Integer,
+    LargeBinary,
+    Text,
+    Uuid,
+    bindparam,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from holdwall_stream.db.engine import psycopg_connection
-from holdwall_stream.db.models import DEAD_LETTERED, UNPUBLISHED, RelayLock, Timestamp
+from holdwall_stream.db.models import DEAD_LETTERED, UNPUBLISHED, Outbox, RelayLock, Timestamp
 from holdwall_stream.pipeline.envelope import EVENT_ID_HEADER
 
 # The partial indexes' own predicates (db/models.py): spelled any other way, a query might
@@ -209,6 +221,32 @@ async def mark_dead_lettered(connection: AsyncConnection, row_id: int, reason: s
             "published = false, published_at = NULL, attempts = attempts + 1 WHERE id = :id"
         ).bindparams(bindparam("now", type_=_TIMESTAMP)),
         {"now": datetime.now(UTC), "reason": reason[:2000], "id": row_id},
+    )
+
+
+async def parked_row(connection: AsyncConnection, event_id: uuid.UUID) -> ClaimedRow | None:
+    """The outbox row of ``event_id`` as the relay would send it, if the relay parked it
+    (mark_dead_lettered); None if there is none or it is no longer parked."""
+    row = (
+        await connection.execute(
+            select(Outbox.id, Outbox.key, Outbox.payload, Outbox.headers, Outbox.attempts)
+            .where(Outbox.event_id == event_id, DEAD_LETTERED)
+            .with_for_update()
+        )
+    ).first()
+    if row is None:
+        return None
+    headers_json = json.dumps(row.headers).encode() if row.headers else None
+    return (row.id, str(event_id).encode(), row.key, row.payload, headers_json, row.attempts, 0.0)
+
+
+async def requeue_parked(connection: AsyncConnection, row_id: int) -> None:
+    """Hands a parked row back to the relay, which claims it next in its partition: its id
+    is older than the rows of its key sent since, so it reaches the topic after them."""
+    await connection.execute(
+        update(Outbox)
+        .where(Outbox.id == row_id, DEAD_LETTERED)
+        .values(dead_lettered_at=None, last_error=None)
     )
 
 

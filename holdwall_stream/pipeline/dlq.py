@@ -9,12 +9,15 @@ from datetime import UTC, datetime
 
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from holdwall_stream.db.models import DeadLetter
+from holdwall_stream.errors import RequeueRefusedError
 from holdwall_stream.messaging import dead_letter as headers_
 from holdwall_stream.messaging.producer import KafkaProducer
+from holdwall_stream.outbox.requeue import requeue_parked_event
 from holdwall_stream.pipeline.envelope import EVENT_ID_HEADER
+from holdwall_stream.settings import Settings
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,53 +94,88 @@ class ReplayOutcome:
 
 
 async def replay(
-    engine: AsyncEngine, producer: KafkaProducer, events_topic: str, ids: Sequence[int]
+    engine: AsyncEngine, producer: KafkaProducer, settings: Settings, ids: Sequence[int]
 ) -> ReplayOutcome:
     """Re-sends dead letters to the events topic with their original key and event id.
 
-    The pipeline dedupes by event id, so replaying twice does not process twice. An
-    unknown id, or a letter that kept no message (too large for the topics), is not
-    replayed; the outcome says why and where the message can still be found.
+    The pipeline dedupes by event id, so replaying twice does not process twice. A
+    ``too_large`` letter of the relay kept no message: its outbox row, which kept the
+    payload, goes back to the relay instead (outbox/requeue.py). An unknown id, or another
+    letter that kept no message, is not replayed; the outcome says why and where the
+    message can still be found.
     """
     replayed: list[int] = []
     not_replayed: dict[int, str] = {}
     for dead_letter_id in ids:
         letter = await get_dead_letter(engine, dead_letter_id)
-        if letter is None or letter.raw is None:
+        if letter is not None and _parked_in_outbox(letter):
+            try:
+                await _requeue_outbox_row(engine, producer, settings, letter)
+            except RequeueRefusedError as exc:
+                not_replayed[dead_letter_id] = (
+                    f"dead letter {dead_letter_id} ({letter.reason}): {exc}"
+                )
+                continue
+        elif letter is None or letter.raw is None:
             not_replayed[dead_letter_id] = _why_not_replayable(dead_letter_id, letter)
             continue
-        kept = [
-            (name, value.encode())
-            for name, value in (letter.headers or {}).items()
-            if not name.startswith("dlq-")
-        ]
-        kept.append(("dlq-replayed-from", str(letter.id).encode()))
-        await producer.send(events_topic, letter.raw, key=letter.key, headers=kept)
-        async with engine.begin() as connection:
-            await connection.execute(
-                update(DeadLetter)
-                .where(DeadLetter.id == dead_letter_id)
-                .values(replayed_at=datetime.now(UTC))
-            )
+        else:
+            await _resend(engine, producer, settings.kafka_events_topic, letter)
         replayed.append(dead_letter_id)
     return ReplayOutcome(replayed, not_replayed)
+
+
+def _parked_in_outbox(letter: DeadLetter) -> bool:
+    return (
+        letter.reason == "too_large"
+        and letter.event_id is not None
+        and (letter.headers or {}).get(headers_.DLQ_SOURCE) == "outbox"
+    )
+
+
+async def _requeue_outbox_row(
+    engine: AsyncEngine, producer: KafkaProducer, settings: Settings, letter: DeadLetter
+) -> None:
+    create_batch = (await producer.get()).create_batch
+    async with engine.begin() as connection:
+        await requeue_parked_event(
+            connection, letter.event_id, create_batch, settings.kafka_max_message_bytes
+        )
+        await _mark_replayed(connection, letter.id)
+
+
+async def _resend(
+    engine: AsyncEngine, producer: KafkaProducer, events_topic: str, letter: DeadLetter
+) -> None:
+    kept = [
+        (name, value.encode())
+        for name, value in (letter.headers or {}).items()
+        if not name.startswith("dlq-")
+    ]
+    kept.append(("dlq-replayed-from", str(letter.id).encode()))
+    await producer.send(events_topic, letter.raw, key=letter.key, headers=kept)
+    async with engine.begin() as connection:
+        await _mark_replayed(connection, letter.id)
+
+
+async def _mark_replayed(connection: AsyncConnection, dead_letter_id: int) -> None:
+    await connection.execute(
+        update(DeadLetter)
+        .where(DeadLetter.id == dead_letter_id)
+        .values(replayed_at=datetime.now(UTC))
+    )
 
 
 def _why_not_replayable(dead_letter_id: int, letter: DeadLetter | None) -> str:
     if letter is None:
         return f"dead letter {dead_letter_id}: no such id (see `dlq list`)"
-    if letter.reason != "too_large":
+    if letter.reason != "too_large" or letter.original_offset is None:
         return f"dead letter {dead_letter_id} ({letter.reason}): its message had no value to replay"
-    if letter.original_offset is not None:
-        where = (
-            f"read it from {letter.original_topic} partition {letter.original_partition} "
-            f"offset {letter.original_offset} while the topic still retains it"
-        )
-    else:
-        where = f"its payload is still in the outbox row of event {letter.event_id}"
     return (
         f"dead letter {dead_letter_id} ({letter.reason}) kept no message to replay, as it was "
-        f"larger than the topics accept: {where}"
+        f"larger than the topics accept: read it from {letter.original_topic} partition "
+        f"{letter.original_partition} offset {letter.original_offset} while the topic still "
+        "retains it"
     )
 
 

@@ -6,12 +6,18 @@ from __future__ import annotations
 import uuid
 from dataclasses import replace
 
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
+from holdwall_stream.db.models import Outbox
 from holdwall_stream.messaging import dead_letter as h
+from holdwall_stream.observability.metrics import Metrics
+from holdwall_stream.outbox.relay import OutboxRelay
+from holdwall_stream.outbox.writer import NewEvent, OutboxTarget, store_events
 from holdwall_stream.pipeline import dlq
 from holdwall_stream.pipeline.dlq import DlqMessage
 from holdwall_stream.pipeline.envelope import EVENT_ID_HEADER
+from holdwall_stream.resilience.breaker import CircuitBreaker
 from tests.support.kafka import settings_with_own_topics, worker_producer
 from tests.support.pipeline import run_cli
 from tests.support.worker_env import consume_all, worker_env
@@ -84,7 +90,7 @@ async def test_replay_resends_with_the_event_id_and_marks_replayed(
     )
     [letter] = await dlq.list_dead_letters(engine)
     async with worker_producer(settings) as producer:
-        outcome = await dlq.replay(engine, producer, settings.kafka_events_topic, [letter.id, 999])
+        outcome = await dlq.replay(engine, producer, settings, [letter.id, 999])
     assert outcome.replayed == [letter.id]
     assert outcome.not_replayed == {999: "dead letter 999: no such id (see `dlq list`)"}
     [record] = await consume_all(kafka_bootstrap, settings.kafka_events_topic, expected=1)
@@ -128,3 +134,70 @@ async def test_replay_says_why_a_letter_without_a_value_is_not_replayed(
     assert f"dead letter {empty.id} (not_json): its message had no value" in result.stderr
     assert "dead letter 999999: no such id" in result.stderr
     assert len(await dlq.list_dead_letters(engine)) == 2  # neither marked replayed
+
+
+async def test_replaying_a_parked_outbox_row_hands_it_back_to_the_relay_once_it_fits(
+    engine: AsyncEngine, database_url: str, kafka_bootstrap: str
+) -> None:
+    """The relay parks a row over KAFKA_MAX_MESSAGE_BYTES and dead-letters it without its
+    payload. Replaying that dead letter is refused while the row is still too large, and
+    once the limit is raised the row goes back to the relay, which publishes it after the
+    later events of its key (that went on without it), with its event id."""
+    small = await settings_with_own_topics(
+        "requeue", kafka_bootstrap, database_url, kafka_max_message_bytes=2048
+    )
+    raised = small.model_copy(update={"kafka_max_message_bytes": 1_000_000})
+    target = OutboxTarget(small.kafka_events_topic, small.kafka_partitions)
+    big = NewEvent(type="order.created", aggregate_id="order-9", data={"pad": "x" * 4000})
+    after = NewEvent(type="order.created", aggregate_id="order-9", data={"n": 1})
+    async with AsyncSession(engine) as session, session.begin():
+        [big_id, after_id] = (await store_events(session, [big, after], target)).ids
+    partitions = range(small.kafka_partitions)
+
+    async with worker_producer(small) as producer:
+        relay = OutboxRelay(small, engine, producer, CircuitBreaker(), Metrics())
+        await relay.prepare()
+        while await relay.drain(partitions):
+            pass
+    [parked] = await consume_all(kafka_bootstrap, small.kafka_dlq_topic, expected=1)
+    await dlq.store_dead_letters(
+        engine,
+        [DlqMessage(parked.partition, parked.offset, parked.key, parked.value, parked.headers)],
+    )
+    [letter] = await dlq.list_dead_letters(engine)
+    assert (letter.reason, letter.event_id, letter.raw) == ("too_large", big_id, None)
+
+    async with worker_producer(small) as producer:
+        refused = await dlq.replay(engine, producer, small, [letter.id])
+    assert refused.replayed == []
+    assert "still over KAFKA_MAX_MESSAGE_BYTES=2048" in refused.not_replayed[letter.id]
+    assert await _outbox_row(engine, big_id) == (False, True)  # still parked
+
+    async with worker_producer(raised) as producer:
+        outcome = await dlq.replay(engine, producer, raised, [letter.id])
+        again = await dlq.replay(engine, producer, raised, [letter.id])
+        assert await _outbox_row(engine, big_id) == (False, False)  # back in the backlog
+        relay = OutboxRelay(raised, engine, producer, CircuitBreaker(), Metrics())
+        while await relay.drain(partitions):
+            pass
+    assert outcome.replayed == [letter.id]
+    assert again.replayed == []
+    assert "no parked row of event" in again.not_replayed[letter.id]
+    assert await dlq.list_dead_letters(engine) == []  # marked replayed
+    assert await _outbox_row(engine, big_id) == (True, False)
+
+    records = await consume_all(kafka_bootstrap, small.kafka_events_topic, expected=2)
+    sent = [dict(record.headers)[EVENT_ID_HEADER].decode() for record in records]
+    assert sent == [str(after_id), str(big_id)]  # a replay: after what went on without it
+    assert len(records[1].value) > 4000
+
+
+async def _outbox_row(engine: AsyncEngine, event_id: uuid.UUID) -> tuple[bool, bool]:
+    """(published, parked) of the event's outbox row."""
+    async with engine.connect() as connection:
+        row = (
+            await connection.execute(
+                select(Outbox.published, Outbox.dead_lettered_at).where(Outbox.event_id == event_id)
+            )
+        ).one()
+    return bool(row.published), row.dead_lettered_at is not None
