@@ -26,6 +26,7 @@ from holdwall_stream.errors import (
     EXIT_DATABASE_UNAVAILABLE,
     HandlerConfigError,
     SettingsError,
+    TopicMismatchError,
 )
 from holdwall_stream.event_loop import running_loop_name, use_preferred_loop
 from holdwall_stream.messaging.client import build_ssl_context
@@ -81,6 +82,9 @@ class HoldwallApp(faust.App):
             return
         try:
             await ensure_topics(settings)
+        except TopicMismatchError as exc:  # a setting at odds with the cluster, not an outage
+            log.error("%s: %s", type(exc).__name__, exc)
+            raise SystemExit(EXIT_BAD_SETTING) from None
         except Exception as exc:
             log.error("Kafka connection error: cannot declare topics: %r", exc)
             if settings.kafka_validate_on_startup:

@@ -64,5 +64,6 @@ async def _check_partition_counts(
         if actual != settings.kafka_partitions:
             raise TopicMismatchError(
                 f"topic {topic!r} has {actual} partitions but KAFKA_PARTITIONS="
-                f"{settings.kafka_partitions}; set KAFKA_PARTITIONS={actual} or recreate the topic"
+                f"{settings.kafka_partitions}; set KAFKA_PARTITIONS={actual} (to grow the topic "
+                "instead: docs/RUNBOOK.md, 'More partitions')"
             )

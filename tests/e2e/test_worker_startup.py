@@ -14,9 +14,12 @@ from sqlalchemy.engine import make_url
 
 from holdwall_stream.embedded import free_port
 from holdwall_stream.errors import EXIT_BAD_SETTING, EXIT_DATABASE_UNAVAILABLE
+from holdwall_stream.messaging.topics import ensure_topics
 from tests.support.pipeline import run_cli
 from tests.support.processes import WorkerProcess
+from tests.support.relay_harness import settings_from_env
 from tests.support.tcp_proxy import TcpProxy
+from tests.support.worker_env import worker_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
@@ -105,3 +108,21 @@ def test_a_command_against_a_database_that_never_answers_ends_with_one_line(
     assert line.startswith("holdwall-stream: cannot reach the database at postgresql+psycopg:")
     assert "ConnectionTimeout" in line and "run the command again" in line
     assert PASSWORD not in result.stderr
+
+
+async def test_a_partition_count_other_than_the_topics_stops_the_worker_with_one_line(
+    tmp_path: Path, kafka_bootstrap: str, database_url: str
+) -> None:
+    """Starting with KAFKA_PARTITIONS other than the existing topics' count would write
+    outbox rows for partitions the topic does not have (or never relay some)."""
+    env = worker_env(kafka_bootstrap, database_url)
+    await ensure_topics(settings_from_env(env))  # 3 partitions, as a running system has
+    worker = WorkerProcess(env | {"KAFKA_PARTITIONS": "2"}, tmp_path / "worker")
+    worker.start()
+    assert await _exit_code(worker) == EXIT_BAD_SETTING
+    log = worker.log_text()
+    [line] = [line for line in log.splitlines() if "TopicMismatchError: " in line]
+    assert f"topic '{env['KAFKA_EVENTS_TOPIC']}' has 3 partitions but KAFKA_PARTITIONS=2" in line
+    assert "set KAFKA_PARTITIONS=3" in line and "'More partitions'" in line
+    assert "Traceback" not in log
+    assert "connection error" not in log.lower()  # the log greps for outages must not match
