@@ -4,6 +4,8 @@
 # restart policy can tell them apart).
 EXIT_BAD_SETTING = 2
 EXIT_DATABASE_UNAVAILABLE = 3
+# Kafka cannot be reached, or a KAFKA_VALIDATE_ON_STARTUP check failed.
+EXIT_KAFKA_UNAVAILABLE = 4
 
 
 class HoldwallError(Exception):

@@ -12,9 +12,10 @@ import logging
 import os
 import sys
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NoReturn
 
 import faust
+from aiokafka.errors import KafkaError
 from faust.app.base import BootStrategy
 from mode import ServiceT
 
@@ -24,6 +25,7 @@ from holdwall_stream.db.schema import init_schema
 from holdwall_stream.errors import (
     EXIT_BAD_SETTING,
     EXIT_DATABASE_UNAVAILABLE,
+    EXIT_KAFKA_UNAVAILABLE,
     HandlerConfigError,
     SettingsError,
     TopicMismatchError,
@@ -38,7 +40,7 @@ from holdwall_stream.pipeline.dlq import DlqMessage, store_dead_letters
 from holdwall_stream.resilience.backoff import backoff_delay
 from holdwall_stream.runtime import Runtime
 from holdwall_stream.settings import Settings, load_settings
-from holdwall_stream.verify import validate_or_raise
+from holdwall_stream.verify import VerificationFailed, validate_or_raise
 from holdwall_stream.web.views import register_views
 
 log = logging.getLogger(__name__)
@@ -73,26 +75,10 @@ class HoldwallApp(faust.App):
         except Exception as exc:
             if not is_database_unavailable(exc):
                 raise
-            # One line that says what to do. Raised as an exception, mode would log it with
-            # a traceback of its own start-up machinery; SystemExit passes mode by.
             error = unreachable(settings, exc, then="start the worker again")
-            log.error("%s: %s", type(error).__name__, error)
-            raise SystemExit(EXIT_DATABASE_UNAVAILABLE) from None
-        if not settings.kafka_enabled:
-            return
-        try:
-            await ensure_topics(settings)
-        except TopicMismatchError as exc:  # a setting at odds with the cluster, not an outage
-            log.error("%s: %s", type(exc).__name__, exc)
-            raise SystemExit(EXIT_BAD_SETTING) from None
-        except Exception as exc:
-            log.error("Kafka connection error: cannot declare topics: %r", exc)
-            if settings.kafka_validate_on_startup:
-                await validate_or_raise(settings)  # names the check that fails
-            raise
-        if settings.kafka_validate_on_startup:
-            # After ensure_topics, so a fresh cluster's missing topics are not a failure.
-            await validate_or_raise(settings)
+            _stop_worker(EXIT_DATABASE_UNAVAILABLE, f"{type(error).__name__}: {error}")
+        if settings.kafka_enabled:
+            await _declare_topics(settings)
 
     async def on_started(self) -> None:
         await super().on_started()
@@ -105,6 +91,38 @@ class HoldwallApp(faust.App):
     async def on_stop(self) -> None:
         await super().on_stop()
         await self.runtime.close()
+
+
+async def _declare_topics(settings: Settings) -> None:
+    """Declares the topics and runs KAFKA_VALIDATE_ON_STARTUP's checks; a worker that
+    cannot start on this cluster stops with one line saying what to do."""
+    try:
+        try:
+            await ensure_topics(settings)
+        except (KafkaError, OSError, TimeoutError) as exc:
+            if settings.kafka_validate_on_startup:
+                await validate_or_raise(settings)  # names the check that fails
+            _stop_worker(
+                EXIT_KAFKA_UNAVAILABLE,
+                f"Kafka connection error: cannot declare topics on "
+                f"{','.join(settings.bootstrap_servers)}: {exc!r}; start the brokers or "
+                "correct KAFKA_BROKERS, then start the worker again (KAFKA_ENABLED=false runs "
+                "it without Kafka: events are kept, the outbox accumulates)",
+            )
+        if settings.kafka_validate_on_startup:
+            # After ensure_topics, so a fresh cluster's missing topics are not a failure.
+            await validate_or_raise(settings)
+    except TopicMismatchError as exc:  # a setting at odds with the cluster, not an outage
+        _stop_worker(EXIT_BAD_SETTING, f"{type(exc).__name__}: {exc}")
+    except VerificationFailed as exc:
+        _stop_worker(EXIT_KAFKA_UNAVAILABLE, f"{type(exc).__name__}: {exc}")
+
+
+def _stop_worker(exit_code: int, line: str) -> NoReturn:
+    """Logs ``line`` and exits. Raised as an exception, mode would log it with a traceback
+    of its own start-up machinery; SystemExit passes mode by."""
+    log.error("%s", line)
+    raise SystemExit(exit_code) from None
 
 
 def broker_credentials(settings: Settings) -> faust.types.auth.CredentialsT | None:

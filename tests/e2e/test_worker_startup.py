@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +14,11 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from holdwall_stream.embedded import free_port
-from holdwall_stream.errors import EXIT_BAD_SETTING, EXIT_DATABASE_UNAVAILABLE
+from holdwall_stream.errors import (
+    EXIT_BAD_SETTING,
+    EXIT_DATABASE_UNAVAILABLE,
+    EXIT_KAFKA_UNAVAILABLE,
+)
 from holdwall_stream.messaging.topics import ensure_topics
 from tests.support.pipeline import run_cli
 from tests.support.processes import WorkerProcess
@@ -111,11 +116,11 @@ def test_a_command_against_a_database_that_never_answers_ends_with_one_line(
 
 
 async def test_a_partition_count_other_than_the_topics_stops_the_worker_with_one_line(
-    tmp_path: Path, kafka_bootstrap: str, database_url: str
+    tmp_path: Path, kafka_bootstrap: str, sqlite_database_url: str
 ) -> None:
     """Starting with KAFKA_PARTITIONS other than the existing topics' count would write
     outbox rows for partitions the topic does not have (or never relay some)."""
-    env = worker_env(kafka_bootstrap, database_url)
+    env = worker_env(kafka_bootstrap, sqlite_database_url)
     await ensure_topics(settings_from_env(env))  # 3 partitions, as a running system has
     worker = WorkerProcess(env | {"KAFKA_PARTITIONS": "2"}, tmp_path / "worker")
     worker.start()
@@ -126,3 +131,37 @@ async def test_a_partition_count_other_than_the_topics_stops_the_worker_with_one
     assert "set KAFKA_PARTITIONS=3" in line and "'More partitions'" in line
     assert "Traceback" not in log
     assert "connection error" not in log.lower()  # the log greps for outages must not match
+
+
+async def test_an_unreachable_broker_stops_the_worker_with_one_line_saying_what_to_do(
+    tmp_path: Path, sqlite_database_url: str
+) -> None:
+    env = worker_env(
+        f"127.0.0.1:{free_port()}", sqlite_database_url, KAFKA_CONNECTION_TIMEOUT="2000"
+    )
+    worker = WorkerProcess(env, tmp_path / "worker")
+    worker.start()
+    assert await _exit_code(worker) == EXIT_KAFKA_UNAVAILABLE
+    log = worker.log_text()
+    [line] = [line for line in log.splitlines() if "cannot declare topics" in line]
+    assert re.search("kafka.*connection.*error", line, re.IGNORECASE)  # the checklist's grep
+    assert env["KAFKA_BROKERS"] in line and "KAFKA_ENABLED=false" in line
+    assert "Traceback" not in log
+
+
+async def test_startup_validation_stops_the_worker_naming_the_check_that_failed(
+    tmp_path: Path, sqlite_database_url: str
+) -> None:
+    env = worker_env(
+        "no-such-broker.invalid:9092",
+        sqlite_database_url,
+        KAFKA_CONNECTION_TIMEOUT="2000",
+        KAFKA_VALIDATE_ON_STARTUP="true",
+    )
+    worker = WorkerProcess(env, tmp_path / "worker")
+    worker.start()
+    assert await _exit_code(worker) == EXIT_KAFKA_UNAVAILABLE
+    log = worker.log_text()
+    [line] = [line for line in log.splitlines() if "VerificationFailed: " in line]
+    assert "dns" in line.lower() and "ENOTFOUND" in line
+    assert "Traceback" not in log
