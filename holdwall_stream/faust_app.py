@@ -41,6 +41,7 @@ from holdwall_stream.resilience.backoff import backoff_delay
 from holdwall_stream.runtime import Runtime
 from holdwall_stream.settings import Settings, load_settings
 from holdwall_stream.verify import VerificationFailed, validate_or_raise
+from holdwall_stream.web.listen import ensure_web_port_free
 from holdwall_stream.web.views import register_views
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,10 @@ class HoldwallApp(faust.App):
 
     async def on_first_start(self) -> None:
         settings = self.runtime.settings
+        try:
+            ensure_web_port_free(settings)
+        except SettingsError as exc:
+            _stop_worker(EXIT_BAD_SETTING, f"holdwall-stream: invalid setting: {exc}")
         # Faust creates only the last level of the data directory.
         settings.faust_data_dir.mkdir(parents=True, exist_ok=True)
         await super().on_first_start()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -164,4 +165,24 @@ async def test_startup_validation_stops_the_worker_naming_the_check_that_failed(
     log = worker.log_text()
     [line] = [line for line in log.splitlines() if "VerificationFailed: " in line]
     assert "dns" in line.lower() and "ENOTFOUND" in line
+    assert "Traceback" not in log
+
+
+async def test_a_web_port_another_process_listens_on_stops_the_worker_naming_web_port(
+    tmp_path: Path, sqlite_database_url: str
+) -> None:
+    """Two workers on a host with the same WEB_PORT: the second one says so."""
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        worker = WorkerProcess(
+            {"KAFKA_ENABLED": "false", "DATABASE_URL": sqlite_database_url, "WEB_PORT": str(port)},
+            tmp_path / "worker",
+        )
+        worker.start()
+        assert await _exit_code(worker) == EXIT_BAD_SETTING
+    log = worker.log_text()
+    [line] = [line for line in log.splitlines() if "invalid setting" in line]
+    assert f"WEB_PORT: {port} is taken on 0.0.0.0 by another process" in line
     assert "Traceback" not in log
