@@ -31,6 +31,7 @@ from holdwall_stream.errors import (
     TopicMismatchError,
 )
 from holdwall_stream.event_loop import running_loop_name, use_preferred_loop
+from holdwall_stream.host_resources import claim_data_dir, ensure_web_port_free
 from holdwall_stream.messaging.client import build_ssl_context
 from holdwall_stream.messaging.topics import ensure_topics
 from holdwall_stream.observability.state_tables import WorkerState
@@ -41,7 +42,6 @@ from holdwall_stream.resilience.backoff import backoff_delay
 from holdwall_stream.runtime import Runtime
 from holdwall_stream.settings import Settings, load_settings
 from holdwall_stream.verify import VerificationFailed, validate_or_raise
-from holdwall_stream.web.listen import ensure_web_port_free
 from holdwall_stream.web.views import register_views
 
 log = logging.getLogger(__name__)
@@ -65,15 +65,16 @@ class KafkaOffBootStrategy(BootStrategy):
 
 class HoldwallApp(faust.App):
     runtime: Runtime
+    # Held open while the process lives: FAUST_DATA_DIR is this worker's alone.
+    _data_dir_lock: int
 
     async def on_first_start(self) -> None:
         settings = self.runtime.settings
         try:
             ensure_web_port_free(settings)
+            self._data_dir_lock = claim_data_dir(settings)
         except SettingsError as exc:
             _stop_worker(EXIT_BAD_SETTING, f"holdwall-stream: invalid setting: {exc}")
-        # Faust creates only the last level of the data directory.
-        settings.faust_data_dir.mkdir(parents=True, exist_ok=True)
         await super().on_first_start()
         try:
             await init_schema(self.runtime.engine)

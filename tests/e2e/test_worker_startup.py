@@ -23,7 +23,7 @@ from holdwall_stream.errors import (
 from holdwall_stream.messaging.topics import ensure_topics
 from tests.support.pipeline import run_cli
 from tests.support.processes import WorkerProcess
-from tests.support.relay_harness import settings_from_env
+from tests.support.relay_harness import settings_from_env, wait_healthy
 from tests.support.tcp_proxy import TcpProxy
 from tests.support.worker_env import worker_env
 
@@ -185,4 +185,32 @@ async def test_a_web_port_another_process_listens_on_stops_the_worker_naming_web
     log = worker.log_text()
     [line] = [line for line in log.splitlines() if "invalid setting" in line]
     assert f"WEB_PORT: {port} is taken on 0.0.0.0 by another process" in line
+    assert "Traceback" not in log
+
+
+async def test_a_data_dir_another_worker_holds_stops_the_worker_naming_it(
+    tmp_path: Path, sqlite_database_url: str
+) -> None:
+    """Two workers on a host with the same FAUST_DATA_DIR: the second one says so, before
+    RocksDB's lock of a shared table would crash one of them."""
+    env = {
+        "KAFKA_ENABLED": "false",
+        "DATABASE_URL": sqlite_database_url,
+        "FAUST_DATA_DIR": str(tmp_path / "shared-data"),
+    }
+    first = WorkerProcess(env, tmp_path / "first")
+    second = WorkerProcess(env, tmp_path / "second")
+    try:
+        first.start()
+        await wait_healthy([first], kafka_ok=False)
+        first_pid = first.pid
+        second.start()
+        assert await _exit_code(second) == EXIT_BAD_SETTING
+        assert first.is_running()
+    finally:
+        first.stop()
+    log = second.log_text()
+    [line] = [line for line in log.splitlines() if "invalid setting" in line]
+    assert f"FAUST_DATA_DIR: {tmp_path / 'shared-data'} is in use by another worker" in line
+    assert f"(pid {first_pid})" in line
     assert "Traceback" not in log
