@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from aiokafka.partitioner import murmur2
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy.dialects.sqlite import insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
@@ -20,6 +20,11 @@ from holdwall_stream.pipeline.envelope import EventEnvelope, encode_envelope
 
 OUTBOX_CHANNEL = "holdwall_outbox"
 EVENT_TYPE_HEADER = "event-type"
+# Objects and arrays inside ``data``, at most. The pipeline's JSON parser stops at 200
+# levels (a deeper envelope is dead-lettered as not_json) and the envelope's encoder at
+# 255: an event nested deeper than either would be stored and never processed, or fail
+# to store with an internal error.
+MAX_DATA_DEPTH = 100
 
 
 class NewEvent(BaseModel):
@@ -33,6 +38,31 @@ class NewEvent(BaseModel):
     id: uuid.UUID | None = None
     occurred_at: AwareDatetime | None = None
     schema_version: Annotated[int, Field(ge=1)] = 1
+
+    @field_validator("data")
+    @classmethod
+    def _not_too_deep(cls, data: dict[str, Any]) -> dict[str, Any]:
+        if json_depth(data) > MAX_DATA_DEPTH:
+            raise ValueError(f"nests deeper than {MAX_DATA_DEPTH} levels of objects and arrays")
+        return data
+
+
+def json_depth(value: object) -> int:
+    """Levels of objects and arrays in a JSON value ({} is 1, 1 is 0); without recursion,
+    so no depth can overflow the interpreter's stack."""
+    deepest = 0
+    stack: list[tuple[object, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, depth + 1)
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 @dataclass(frozen=True)

@@ -167,6 +167,8 @@ def _parse_events(body: bytes) -> list[NewEvent]:
         document = json.loads(body, parse_constant=_reject_constant)
     except (UnicodeDecodeError, ValueError) as exc:
         raise BadRequest(400, f"body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise BadRequest(400, "body nests too deeply to parse") from None
     items = document if isinstance(document, list) else [document]
     if not items:
         raise BadRequest(400, "empty array: send at least one event")

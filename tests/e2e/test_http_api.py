@@ -20,6 +20,8 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from holdwall_stream.outbox.writer import MAX_DATA_DEPTH
+from tests.support.json_values import nested
 from tests.support.pipeline import database
 from tests.support.processes import WorkerProcess
 from tests.support.worker_env import get_json, post_json, query
@@ -169,6 +171,7 @@ async def test_given_id_is_kept_and_a_repeated_id_is_not_stored_twice(api: Api) 
         ),
         pytest.param(b"\xff\xfe{}", "JSON", id="not-utf8"),
         pytest.param(b"[]", "empty", id="empty-array"),
+        pytest.param(b"[" * 1020 + b"]" * 1020, "nests too deeply", id="nested-too-deep"),
     ],
 )
 async def test_bad_json_is_400(api: Api, body: bytes, expected: str) -> None:
@@ -193,6 +196,8 @@ async def test_bad_json_is_400(api: Api, body: bytes, expected: str) -> None:
         pytest.param(_event(occurred_at="2024-05-17T10:30:00"), "occurred_at", id="naive-time"),
         pytest.param(_event(occurred_at="yesterday"), "occurred_at", id="time-not-a-date"),
         pytest.param(_event(colour="red"), "colour", id="extra-field"),
+        pytest.param(_event(data=nested(MAX_DATA_DEPTH + 1)), "data", id="data-too-deep"),
+        pytest.param(_event(data=nested(200)), "data", id="data-deeper-than-the-pipeline-parses"),
     ],
 )
 async def test_invalid_event_is_422_naming_the_field_and_nothing_is_stored(
