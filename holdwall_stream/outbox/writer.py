@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any
@@ -41,28 +42,31 @@ class NewEvent(BaseModel):
 
     @field_validator("data")
     @classmethod
-    def _not_too_deep(cls, data: dict[str, Any]) -> dict[str, Any]:
+    def _storable(cls, data: dict[str, Any]) -> dict[str, Any]:
         if json_depth(data) > MAX_DATA_DEPTH:
             raise ValueError(f"nests deeper than {MAX_DATA_DEPTH} levels of objects and arrays")
+        if any(isinstance(node, float) and not math.isfinite(node) for node, _ in _nodes(data)):
+            # JSON has no such number: the envelope would carry null in its place.
+            raise ValueError("holds a number out of range (larger than about 1.8e308)")
         return data
 
 
 def json_depth(value: object) -> int:
-    """Levels of objects and arrays in a JSON value ({} is 1, 1 is 0); without recursion,
-    so no depth can overflow the interpreter's stack."""
-    deepest = 0
+    """Levels of objects and arrays in a JSON value ({} is 1, 1 is 0)."""
+    return max(depth + isinstance(node, dict | list) for node, depth in _nodes(value))
+
+
+def _nodes(value: object) -> Iterator[tuple[object, int]]:
+    """Every value inside a JSON value, with how many containers enclose it; without
+    recursion, so no depth can overflow the interpreter's stack."""
     stack: list[tuple[object, int]] = [(value, 0)]
     while stack:
-        item, depth = stack.pop()
-        if isinstance(item, dict):
-            children: Any = item.values()
-        elif isinstance(item, list):
-            children = item
-        else:
-            continue
-        deepest = max(deepest, depth + 1)
-        stack.extend((child, depth + 1) for child in children)
-    return deepest
+        node, depth = stack.pop()
+        yield node, depth
+        if isinstance(node, dict):
+            stack.extend((child, depth + 1) for child in node.values())
+        elif isinstance(node, list):
+            stack.extend((child, depth + 1) for child in node)
 
 
 @dataclass(frozen=True)

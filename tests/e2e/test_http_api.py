@@ -171,7 +171,17 @@ async def test_given_id_is_kept_and_a_repeated_id_is_not_stored_twice(api: Api) 
         ),
         pytest.param(b"\xff\xfe{}", "JSON", id="not-utf8"),
         pytest.param(b"[]", "empty", id="empty-array"),
-        pytest.param(b"[" * 1020 + b"]" * 1020, "nests too deeply", id="nested-too-deep"),
+        pytest.param(b"[" * 1020 + b"]" * 1020, "recursion limit", id="nested-too-deep"),
+        pytest.param(
+            json.dumps(_event(data=nested(200))).encode(),
+            "recursion limit",
+            id="data-deeper-than-the-pipeline-parses",
+        ),
+        pytest.param(
+            b'{"type": "t", "aggregate_id": "a", "data": {"v": "\\ud800"}}',
+            "JSON",
+            id="unpaired-surrogate",
+        ),
     ],
 )
 async def test_bad_json_is_400(api: Api, body: bytes, expected: str) -> None:
@@ -197,7 +207,6 @@ async def test_bad_json_is_400(api: Api, body: bytes, expected: str) -> None:
         pytest.param(_event(occurred_at="yesterday"), "occurred_at", id="time-not-a-date"),
         pytest.param(_event(colour="red"), "colour", id="extra-field"),
         pytest.param(_event(data=nested(MAX_DATA_DEPTH + 1)), "data", id="data-too-deep"),
-        pytest.param(_event(data=nested(200)), "data", id="data-deeper-than-the-pipeline-parses"),
     ],
 )
 async def test_invalid_event_is_422_naming_the_field_and_nothing_is_stored(
@@ -216,6 +225,18 @@ async def test_invalid_event_is_422_naming_the_field_and_nothing_is_stored(
         assert field in [error["field"] for error in problem["errors"]], problem
     assert await api.counts() == before
     assert uuid.UUID(valid_id) not in await api.stored_ids()
+
+
+async def test_a_number_out_of_range_is_422_naming_data(api: Api) -> None:
+    """1e400 parses as infinity, which JSON cannot carry on: the envelope would hold null."""
+    before = await api.counts()
+    body = b'{"type": "t", "aggregate_id": "a", "data": {"v": 1e400}}'
+    status, response = _post_raw(f"{api.url}/api/events", body)
+    assert status == 422, response
+    [problem] = response["detail"]
+    assert problem["errors"][0]["field"] == "data"
+    assert "out of range" in problem["errors"][0]["message"]
+    assert await api.counts() == before
 
 
 async def test_single_invalid_object_is_422(api: Api) -> None:

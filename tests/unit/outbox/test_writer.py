@@ -32,3 +32,10 @@ def test_the_deepest_data_accepted_is_processed_by_the_pipeline() -> None:
     event = NewEvent(type="t", aggregate_id="k", data=nested(MAX_DATA_DEPTH))
     raw = encode_envelope(to_envelope(event))
     assert parse_envelope(raw, key=b"k", max_bytes=len(raw)).data == event.data
+
+
+@pytest.mark.parametrize("number", [float("inf"), float("-inf"), float("nan")])
+def test_data_holding_a_number_json_cannot_carry_is_refused(number: float) -> None:
+    """1e400 in a request parses as infinity; the envelope would carry null instead."""
+    with pytest.raises(ValidationError, match="holds a number out of range"):
+        NewEvent(type="t", aggregate_id="k", data={"totals": [1.5, {"x": number}]})
