@@ -17,7 +17,12 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from holdwall_stream.db.engine import psycopg_connection
 from holdwall_stream.db.models import Event, Outbox
-from holdwall_stream.pipeline.envelope import EventEnvelope, encode_envelope
+from holdwall_stream.pipeline.envelope import (
+    AggregateId,
+    EventEnvelope,
+    EventType,
+    encode_envelope,
+)
 
 OUTBOX_CHANNEL = "holdwall_outbox"
 EVENT_TYPE_HEADER = "event-type"
@@ -33,8 +38,8 @@ class NewEvent(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    type: Annotated[str, Field(min_length=1, max_length=200)]
-    aggregate_id: Annotated[str, Field(min_length=1, max_length=500)]
+    type: EventType
+    aggregate_id: AggregateId
     data: dict[str, Any]
     id: uuid.UUID | None = None
     occurred_at: AwareDatetime | None = None

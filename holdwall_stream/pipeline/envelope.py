@@ -8,10 +8,11 @@ only a failure pays for working out the precise reason, which the DLQ records.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from uuid import UUID
 
 from pydantic import (
+    AfterValidator,
     AwareDatetime,
     BaseModel,
     ConfigDict,
@@ -42,14 +43,25 @@ _JSON_KINDS = {
 }
 
 
+def _without_nul(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("must not contain NUL (\\u0000), which PostgreSQL text cannot hold")
+    return value
+
+
+EventType = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(_without_nul)]
+# The message key, and the database's key of the aggregate.
+AggregateId = Annotated[str, Field(min_length=1, max_length=500), AfterValidator(_without_nul)]
+
+
 class EventEnvelope(BaseModel):
     """One event as it travels through Kafka; unknown fields are rejected, not dropped."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     id: UUID
-    type: str = Field(min_length=1, max_length=200)
-    aggregate_id: str = Field(min_length=1, max_length=500)
+    type: EventType
+    aggregate_id: AggregateId
     occurred_at: AwareDatetime
     schema_version: StrictInt = Field(1, ge=1)
     data: dict[str, Any]

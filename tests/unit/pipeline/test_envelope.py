@@ -181,6 +181,8 @@ def test_not_object(raw: bytes, kind: str) -> None:
         (valid_object(aggregate_id=""), ["aggregate_id"]),
         (valid_object(aggregate_id="a" * 501), ["aggregate_id"]),
         (valid_object(aggregate_id=42), ["aggregate_id"]),
+        (valid_object(aggregate_id="order\x00-42"), ["aggregate_id"]),
+        (valid_object(type="order\x00created"), ["type"]),
         (valid_object(occurred_at="2024-05-01T12:30:15"), ["occurred_at"]),
         (valid_object(occurred_at="yesterday"), ["occurred_at"]),
         (valid_object(schema_version=0), ["schema_version"]),
@@ -235,11 +237,12 @@ json_values = st.recursive(
 offsets = st.integers(min_value=-23 * 3600, max_value=23 * 3600).map(
     lambda s: timezone(timedelta(seconds=s))
 )
+without_nul = st.characters(exclude_characters="\x00")
 envelopes = st.builds(
     EventEnvelope,
     id=st.uuids(),
-    type=st.text(min_size=1, max_size=200),
-    aggregate_id=st.text(min_size=1, max_size=500),
+    type=st.text(without_nul, min_size=1, max_size=200),
+    aggregate_id=st.text(without_nul, min_size=1, max_size=500),
     occurred_at=st.datetimes(
         min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30), timezones=offsets
     ),
