@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from holdwall_stream.db.engine import psycopg_connection
 from holdwall_stream.db.models import Event, Outbox
 from holdwall_stream.pipeline.envelope import (
+    MAX_SCHEMA_VERSION,
     AggregateId,
     EventEnvelope,
     EventType,
@@ -43,7 +44,7 @@ class NewEvent(BaseModel):
     data: dict[str, Any]
     id: uuid.UUID | None = None
     occurred_at: AwareDatetime | None = None
-    schema_version: Annotated[int, Field(ge=1)] = 1
+    schema_version: Annotated[int, Field(ge=1, le=MAX_SCHEMA_VERSION)] = 1
 
     @field_validator("data")
     @classmethod

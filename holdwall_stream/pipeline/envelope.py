@@ -49,6 +49,8 @@ def _without_nul(value: str) -> str:
     return value
 
 
+# The events table keeps it in an INTEGER column.
+MAX_SCHEMA_VERSION = 2**31 - 1
 EventType = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(_without_nul)]
 # The message key, and the database's key of the aggregate.
 AggregateId = Annotated[str, Field(min_length=1, max_length=500), AfterValidator(_without_nul)]
@@ -63,7 +65,7 @@ class EventEnvelope(BaseModel):
     type: EventType
     aggregate_id: AggregateId
     occurred_at: AwareDatetime
-    schema_version: StrictInt = Field(1, ge=1)
+    schema_version: StrictInt = Field(1, ge=1, le=MAX_SCHEMA_VERSION)
     data: dict[str, Any]
 
     @field_serializer("occurred_at", when_used="json")

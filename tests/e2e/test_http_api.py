@@ -208,6 +208,7 @@ async def test_bad_json_is_400(api: Api, body: bytes, expected: str) -> None:
         pytest.param(_event(colour="red"), "colour", id="extra-field"),
         pytest.param(_event(data=nested(MAX_DATA_DEPTH + 1)), "data", id="data-too-deep"),
         pytest.param(_event(aggregate_id="order\x00-42"), "aggregate_id", id="nul-in-key"),
+        pytest.param(_event(schema_version=2**31), "schema_version", id="version-past-integer"),
         pytest.param(_event(type="order\x00created"), "type", id="nul-in-type"),
     ],
 )

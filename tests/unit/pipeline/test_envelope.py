@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from holdwall_stream.errors import HoldwallError
 from holdwall_stream.pipeline.envelope import (
     EVENT_ID_HEADER,
+    MAX_SCHEMA_VERSION,
     EventEnvelope,
     InvalidMessage,
     encode_envelope,
@@ -186,6 +187,7 @@ def test_not_object(raw: bytes, kind: str) -> None:
         (valid_object(occurred_at="2024-05-01T12:30:15"), ["occurred_at"]),
         (valid_object(occurred_at="yesterday"), ["occurred_at"]),
         (valid_object(schema_version=0), ["schema_version"]),
+        (valid_object(schema_version=MAX_SCHEMA_VERSION + 1), ["schema_version"]),
         (valid_object(schema_version="1"), ["schema_version"]),
         (valid_object(schema_version=True), ["schema_version"]),
         (valid_object(data=[1, 2]), ["data"]),
@@ -246,7 +248,7 @@ envelopes = st.builds(
     occurred_at=st.datetimes(
         min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30), timezones=offsets
     ),
-    schema_version=st.integers(min_value=1, max_value=2**31),
+    schema_version=st.integers(min_value=1, max_value=MAX_SCHEMA_VERSION),
     data=st.dictionaries(st.text(max_size=10), json_values, max_size=5),
 )
 
