@@ -11,14 +11,20 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from aiokafka.partitioner import murmur2
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+)
 from sqlalchemy.dialects.sqlite import insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from holdwall_stream.db.engine import psycopg_connection
 from holdwall_stream.db.models import Event, Outbox
 from holdwall_stream.pipeline.envelope import (
-    MAX_SCHEMA_VERSION,
     AggregateId,
     EventEnvelope,
     EventType,
@@ -32,6 +38,16 @@ EVENT_TYPE_HEADER = "event-type"
 # 255: an event nested deeper than either would be stored and never processed, or fail
 # to store with an internal error.
 MAX_DATA_DEPTH = 100
+# The events table keeps it in an INTEGER column.
+MAX_SCHEMA_VERSION = 2**31 - 1
+
+
+def _without_nul(value: str) -> str:
+    """The events table's text columns cannot hold NUL on PostgreSQL. (The pipeline takes
+    such envelopes from other producers, and records the type with U+FFFD in its place.)"""
+    if "\x00" in value:
+        raise ValueError("must not contain NUL (\\u0000), which the events table cannot hold")
+    return value
 
 
 class NewEvent(BaseModel):
@@ -39,8 +55,8 @@ class NewEvent(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    type: EventType
-    aggregate_id: AggregateId
+    type: Annotated[EventType, AfterValidator(_without_nul)]
+    aggregate_id: Annotated[AggregateId, AfterValidator(_without_nul)]
     data: dict[str, Any]
     id: uuid.UUID | None = None
     occurred_at: AwareDatetime | None = None

@@ -15,7 +15,6 @@ from pydantic import ValidationError
 from holdwall_stream.errors import HoldwallError
 from holdwall_stream.pipeline.envelope import (
     EVENT_ID_HEADER,
-    MAX_SCHEMA_VERSION,
     EventEnvelope,
     InvalidMessage,
     encode_envelope,
@@ -182,12 +181,9 @@ def test_not_object(raw: bytes, kind: str) -> None:
         (valid_object(aggregate_id=""), ["aggregate_id"]),
         (valid_object(aggregate_id="a" * 501), ["aggregate_id"]),
         (valid_object(aggregate_id=42), ["aggregate_id"]),
-        (valid_object(aggregate_id="order\x00-42"), ["aggregate_id"]),
-        (valid_object(type="order\x00created"), ["type"]),
         (valid_object(occurred_at="2024-05-01T12:30:15"), ["occurred_at"]),
         (valid_object(occurred_at="yesterday"), ["occurred_at"]),
         (valid_object(schema_version=0), ["schema_version"]),
-        (valid_object(schema_version=MAX_SCHEMA_VERSION + 1), ["schema_version"]),
         (valid_object(schema_version="1"), ["schema_version"]),
         (valid_object(schema_version=True), ["schema_version"]),
         (valid_object(data=[1, 2]), ["data"]),
@@ -239,16 +235,15 @@ json_values = st.recursive(
 offsets = st.integers(min_value=-23 * 3600, max_value=23 * 3600).map(
     lambda s: timezone(timedelta(seconds=s))
 )
-without_nul = st.characters(exclude_characters="\x00")
 envelopes = st.builds(
     EventEnvelope,
     id=st.uuids(),
-    type=st.text(without_nul, min_size=1, max_size=200),
-    aggregate_id=st.text(without_nul, min_size=1, max_size=500),
+    type=st.text(min_size=1, max_size=200),
+    aggregate_id=st.text(min_size=1, max_size=500),
     occurred_at=st.datetimes(
         min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30), timezones=offsets
     ),
-    schema_version=st.integers(min_value=1, max_value=MAX_SCHEMA_VERSION),
+    schema_version=st.integers(min_value=1, max_value=2**31),
     data=st.dictionaries(st.text(max_size=10), json_values, max_size=5),
 )
 
