@@ -15,7 +15,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
-from holdwall_stream.errors import EXIT_DATABASE_UNAVAILABLE, HoldwallError, SettingsError
+from holdwall_stream.errors import (
+    EXIT_DATABASE_UNAVAILABLE,
+    EXIT_KAFKA_UNAVAILABLE,
+    HoldwallError,
+    KafkaDisabledError,
+    SettingsError,
+)
 from holdwall_stream.settings import Settings, load_settings
 
 if TYPE_CHECKING:
@@ -81,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"holdwall-stream: invalid setting: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    # Each command reports a Kafka failure itself, in one line; the clients' own logs of
+    # it would only repeat it.
+    for logger in ("aiokafka", "holdwall_stream.messaging.producer"):
+        logging.getLogger(logger).setLevel(logging.CRITICAL)
     handler: Callable[[Settings, argparse.Namespace], Awaitable[int]] = {
         "verify": _verify,
         "db": _db_init,
@@ -93,8 +103,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"holdwall-stream: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except Exception as exc:
+        from aiokafka.errors import KafkaError
+
         from holdwall_stream.db.errors import is_database_unavailable, unreachable
 
+        if isinstance(exc, KafkaError):
+            print(
+                f"holdwall-stream: Kafka connection error at {','.join(settings.bootstrap_servers)}"
+                f": {exc}; start the brokers or correct KAFKA_BROKERS, then run the command again",
+                file=sys.stderr,
+            )
+            return EXIT_KAFKA_UNAVAILABLE
         if not is_database_unavailable(exc):
             raise
         error = unreachable(settings, exc, then="run the command again")
@@ -116,8 +135,6 @@ def _ddl(args: argparse.Namespace) -> int:
 async def _verify(settings: Settings, args: argparse.Namespace) -> int:
     from holdwall_stream.verify import format_results, run_checks
 
-    # aiokafka logs the same connection failures the check details already explain.
-    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     results = await run_checks(settings)
     print(format_results(results, as_json=args.json))
     return 0 if all(result.ok for result in results) else EXIT_FAILED
@@ -249,6 +266,11 @@ async def _replay(settings: Settings, engine: Any, args: argparse.Namespace) -> 
     from holdwall_stream.observability.metrics import Metrics
     from holdwall_stream.pipeline import dlq
 
+    if not settings.kafka_enabled:
+        raise KafkaDisabledError(
+            "dlq replay sends to Kafka, which KAFKA_ENABLED=false switches off: run it with "
+            "KAFKA_ENABLED=true (the dead letters stay in the table meanwhile)"
+        )
     ids = list(args.ids)
     if args.all:
         ids += [letter.id for letter in await dlq.list_dead_letters(engine, limit=1_000_000)]

@@ -10,6 +10,8 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from holdwall_stream.db.models import Outbox
+from holdwall_stream.embedded import free_port
+from holdwall_stream.errors import EXIT_KAFKA_UNAVAILABLE
 from holdwall_stream.messaging import dead_letter as h
 from holdwall_stream.observability.metrics import Metrics
 from holdwall_stream.outbox.relay import OutboxRelay
@@ -134,6 +136,29 @@ async def test_replay_says_why_a_letter_without_a_value_is_not_replayed(
     assert f"dead letter {empty.id} (not_json): its message had no value" in result.stderr
     assert "dead letter 999999: no such id" in result.stderr
     assert len(await dlq.list_dead_letters(engine)) == 2  # neither marked replayed
+
+
+async def test_replay_without_kafka_says_so_in_one_line_and_marks_nothing(
+    engine: AsyncEngine, database_url: str
+) -> None:
+    await dlq.store_dead_letters(engine, [dead_letter(0)])
+    unreachable = run_cli(
+        worker_env(f"127.0.0.1:{free_port()}", database_url, KAFKA_CONNECTION_TIMEOUT="2000"),
+        *("dlq", "replay", "--all"),
+    )
+    switched_off = run_cli(
+        worker_env("127.0.0.1:1", database_url, KAFKA_ENABLED="false"),
+        *("dlq", "replay", "--all"),
+    )
+
+    assert unreachable.returncode == EXIT_KAFKA_UNAVAILABLE, unreachable.stderr
+    [line] = unreachable.stderr.splitlines()
+    assert line.startswith("holdwall-stream: Kafka connection error at 127.0.0.1:")
+    assert "correct KAFKA_BROKERS" in line
+    assert switched_off.returncode == 1, switched_off.stderr
+    [line] = switched_off.stderr.splitlines()
+    assert "KAFKA_ENABLED=false" in line
+    assert len(await dlq.list_dead_letters(engine)) == 1  # not marked replayed
 
 
 async def test_replaying_a_parked_outbox_row_hands_it_back_to_the_relay_once_it_fits(
