@@ -24,8 +24,8 @@ async def requeue_parked_event(
     event_id: uuid.UUID,
     create_batch: Callable[[], BatchBuilder],
     limit: int,
-) -> int:
-    """Hands the parked outbox row of ``event_id`` back to the relay; returns its id.
+) -> None:
+    """Hands the parked outbox row of ``event_id`` back to the relay.
 
     Refused while its record batch is still over ``limit`` (this process's
     KAFKA_MAX_MESSAGE_BYTES; ``create_batch`` makes batches of that size, as the relay's
@@ -45,6 +45,4 @@ async def requeue_parked_event(
             f"record batch, still over KAFKA_MAX_MESSAGE_BYTES={limit}: raise it, and the "
             "broker's message.max.bytes, on the workers and here, then replay again"
         )
-    row_id = row[0]
-    await store.requeue_parked(connection, row_id)
-    return row_id
+    await store.requeue_parked(connection, row[0])
